@@ -41,8 +41,8 @@ def _tiny(name: str, ratios: list[int], **over) -> ModelConfig:
     base = dict(
         name=name, vocab_size=512, hidden_size=64, num_layers=len(ratios), num_heads=4, head_dim=80,
         rope_dim=16, q_lora_rank=48, o_groups=2, o_lora_rank=32, compress_ratios=tuple(ratios),
-        window=128, index_n_heads=8, index_head_dim=32, index_topk=16,
-        yarn=Yarn(factor=16.0, original_max_position_embeddings=256), max_position_embeddings=8192,
+        window=128, index_n_heads=32, index_head_dim=32, index_topk=16,
+        yarn=Yarn(factor=16.0, original_max_position_embeddings=256), max_position_embeddings=4096,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
         routed_scaling_factor=1.5, num_hash_layers=1)
     base.update(over)

@@ -1,0 +1,463 @@
+"""The PyTorch reference of the DeepSeek-V4 hybrid-attention model.
+
+Everything else in hatrt is checked against this module. Parameter names are the official
+checkpoint names (spec section 6). One forward serves full prefill, chunked prefill and token-by-
+token decoding: every call continues the explicit `Cache` it is given.
+
+Numerics switches:
+- quant_sim=True reproduces the official inference code: FP8 e4m3 KV (non-RoPE dims, blocks of
+  64), Hadamard + FP4 indexer queries/keys, bf16 indexer scores before top-k.
+- quant_sim=False reproduces `transformers`' DeepseekV4ForCausalLM (no simulation).
+- shared_expert_clamp: the official shared expert has no SwiGLU clamp, transformers clamps it.
+  None follows quant_sim (official when on, transformers when off).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .cache import Cache, CompressorState, LayerCache
+from .config import CSA, WINDOW, ModelConfig
+from .quant import fake_quant_fp4, fake_quant_fp8, hadamard
+from .rope import Rotary, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight.to(x.dtype))
+
+
+class Linear(nn.Module):
+    """Bias-free linear whose parameter is named `weight`, as in the checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
+# --------------------------------------------------------------------------- compressor
+class Compressor(nn.Module):
+    """Gated pooling of every m tokens of x into one entry (CSA: overlapping, 8 slots).
+
+    Also used, at index_head_dim width, for the lightning indexer's keys.
+    """
+
+    def __init__(self, config: ModelConfig, ratio: int, dim: int, quant: str):
+        super().__init__()
+        self.ratio, self.dim, self.quant = ratio, dim, quant
+        self.overlap = ratio == CSA
+        width = (2 if self.overlap else 1) * dim
+        self.wkv = Linear(config.hidden_size, width)
+        self.wgate = Linear(config.hidden_size, width)
+        self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))
+        self.norm = RMSNorm(dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, pos0: torch.Tensor, state: CompressorState, out: torch.Tensor,
+                rotary: Rotary, quant_sim: bool) -> None:
+        """Feed S new tokens (positions pos0 .. pos0+S-1) and write finished entries into `out`.
+
+        S == 1 (decoding) allows a different position per sequence; longer chunks need one start
+        position for the whole batch. Partial blocks are never pooled: their projections wait in
+        `state` until the block completes.
+        """
+        m = self.ratio
+        b, s, _ = x.shape
+        kv = F.linear(x.float(), self.wkv.weight.float())  # the compressor runs in fp32
+        score = F.linear(x.float(), self.wgate.weight.float())
+        quant = self.quant if quant_sim else None
+        off = m if self.overlap else 0  # first slot of the current block
+        if s == 1:
+            self._step(kv[:, 0], score, pos0, state, out, rotary, quant, off)
+            return
+        if not bool((pos0 == pos0[0]).all()):
+            raise NotImplementedError("a multi-token chunk needs the same start position for every "
+                                      "sequence in the batch; prefill sequences of different lengths "
+                                      "one at a time")
+        t0 = int(pos0[0])
+        r = t0 % m  # tokens of the unfinished block already in the state
+        score = score + self.ape[(torch.arange(t0, t0 + s, device=x.device) % m)]
+        seq_kv = torch.cat([state.kv[:, off:off + r], kv], dim=1)
+        seq_score = torch.cat([state.score[:, off:off + r], score], dim=1)
+        n_blocks = (r + s) // m
+        if n_blocks:
+            blocks_kv = seq_kv[:, : n_blocks * m].unflatten(1, (n_blocks, m))
+            blocks_score = seq_score[:, : n_blocks * m].unflatten(1, (n_blocks, m))
+            first = t0 // m
+            block_ids = torch.arange(first, first + n_blocks, device=x.device)
+            cos, sin = rotary((block_ids * m).expand(b, -1))
+            prev_kv = state.kv[:, :m, : self.dim] if self.overlap else None
+            prev_score = state.score[:, :m, : self.dim] if self.overlap else None
+            entries = ops.compress_blocks(blocks_kv, blocks_score, prev_kv, prev_score, self.norm.weight,
+                                          cos, sin, eps=self.norm.eps, quant=quant)
+            out[:, first:first + n_blocks] = entries.to(out.dtype)
+            if self.overlap:  # the last complete block becomes the next entry's previous block
+                state.kv[:, :m], state.score[:, :m] = blocks_kv[:, -1], blocks_score[:, -1]
+        rest = (r + s) % m
+        state.kv[:, off:off + rest] = seq_kv[:, n_blocks * m:]
+        state.score[:, off:off + rest] = seq_score[:, n_blocks * m:]
+
+    def _step(self, kv, score, pos, state, out, rotary, quant, off) -> None:
+        """One token per sequence, each at its own position."""
+        m, rows = self.ratio, torch.arange(kv.shape[0], device=kv.device)
+        slot = pos % m
+        state.kv[rows, off + slot] = kv
+        state.score[rows, off + slot] = score[:, 0] + self.ape[slot]
+        done = (pos + 1) % m == 0
+        if not bool(done.any()):
+            return
+        block = pos // m
+        cos, sin = rotary((block * m).unsqueeze(1))
+        prev_kv = state.kv[:, :m, : self.dim] if self.overlap else None
+        prev_score = state.score[:, :m, : self.dim] if self.overlap else None
+        entry = ops.compress_blocks(state.kv[:, off:off + m].unsqueeze(1), state.score[:, off:off + m].unsqueeze(1),
+                                    prev_kv, prev_score, self.norm.weight, cos, sin, eps=self.norm.eps,
+                                    quant=quant)
+        r = rows[done]
+        out[r, block[done]] = entry[done, 0].to(out.dtype)
+        if self.overlap:
+            state.kv[r, :m], state.score[r, :m] = state.kv[r, m:], state.score[r, m:]
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: scores compressed entries for each query and keeps the top-k."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = config.index_n_heads, config.index_head_dim, config.index_topk
+        self.wq_b = Linear(config.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = Linear(config.hidden_size, self.n_heads)
+        self.compressor = Compressor(config, CSA, self.head_dim, quant="fp4")
+        self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
+
+    def forward(self, x, cq, q_pos, cos, sin, layer: LayerCache, rotary: Rotary, quant_sim: bool,
+                n_entries: int) -> torch.Tensor:
+        self.compressor(x, q_pos[:, 0], layer.index_compressor, layer.index_keys, rotary, quant_sim)
+        q = linear(cq, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(q, cos, sin)
+        if quant_sim:
+            q = fake_quant_fp4(hadamard(q))
+        w = linear(x, self.weights_proj.weight).float() * self.weight_scale
+        return ops.indexer_topk(q, w, layer.index_keys[:, :n_entries], q_pos, ratio=CSA, topk=self.topk,
+                                bf16_scores=quant_sim)
+
+
+# --------------------------------------------------------------------------- attention
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        c = config
+        self.config, self.ratio = c, c.ratio(layer_id)
+        self.n_heads, self.head_dim = c.num_heads, c.head_dim
+        self.wq_a = Linear(c.hidden_size, c.q_lora_rank)
+        self.q_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.wq_b = Linear(c.q_lora_rank, c.num_heads * c.head_dim)
+        self.wkv = Linear(c.hidden_size, c.head_dim)
+        self.kv_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        self.wo_a = Linear(c.num_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank)
+        self.wo_b = Linear(c.o_groups * c.o_lora_rank, c.hidden_size)
+        self.attn_sink = nn.Parameter(torch.empty(c.num_heads, dtype=torch.float32))
+        self.rotary = Rotary(c, compressed=self.ratio != WINDOW)
+        self.compressor = Compressor(c, self.ratio, c.head_dim, quant="fp8") if self.ratio else None
+        self.indexer = Indexer(c) if self.ratio == CSA else None
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, q_pos: torch.Tensor, layer: LayerCache, quant_sim: bool) -> torch.Tensor:
+        c = self.config
+        b, s, _ = x.shape
+        cos, sin = self.rotary(q_pos)  # [B, S, r/2]
+        hcos, hsin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+
+        cq = self.q_norm(linear(x, self.wq_a.weight))  # reused by the indexer
+        q = linear(cq, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))
+        q = apply_rope(ops.rms_norm(q, None, c.rms_norm_eps), hcos, hsin)
+
+        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)
+        if quant_sim:
+            kv = torch.cat([fake_quant_fp8(kv[..., : c.nope_dim]), kv[..., c.nope_dim:]], dim=-1)
+        window_kv = torch.cat([layer.window_kv, kv.to(layer.window_kv.dtype)], dim=1)
+        window_pos = torch.cat([layer.window_pos, q_pos], dim=1)
+
+        entries = x.new_zeros(b, 0, self.head_dim)
+        entry_idx = torch.full((b, s, 0), -1, dtype=torch.long, device=x.device)
+        if self.ratio:
+            n_entries = int((q_pos[:, -1] + 1).max()) // self.ratio  # complete blocks after this chunk
+            layer.reserve(n_entries)
+            self.compressor(x, q_pos[:, 0], layer.compressor, layer.entries, self.rotary, quant_sim)
+            entries = layer.entries[:, :n_entries]
+            if self.indexer is not None:
+                entry_idx = self.indexer(x, cq, q_pos, hcos, hsin, layer, self.rotary, quant_sim, n_entries)
+            else:
+                entry_idx = ops.causal_entry_indices(q_pos, n_entries, self.ratio)
+
+        o = ops.sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_idx, self.attn_sink,
+                                 window=c.window, scale=self.scale)
+        self._update_window(layer, kv, q_pos)
+        o = apply_rope(o, hcos, hsin, inverse=True)
+
+        # Grouped output projection: group i of heads goes through its own slice of wo_a.
+        g = c.o_groups
+        o = o.reshape(b, s, g, -1)
+        wo_a = self.wo_a.weight.to(o.dtype).view(g, c.o_lora_rank, -1)
+        o = torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2)
+        return linear(o, self.wo_b.weight)
+
+    def _update_window(self, layer: LayerCache, kv: torch.Tensor, q_pos: torch.Tensor) -> None:
+        w = layer.window_kv.shape[1]
+        kv, q_pos = kv[:, -w:], q_pos[:, -w:]  # only the last `window` tokens can survive
+        rows = torch.arange(kv.shape[0], device=kv.device).unsqueeze(1)
+        layer.window_kv[rows, q_pos % w] = kv.to(layer.window_kv.dtype)
+        layer.window_pos[rows, q_pos % w] = q_pos
+
+
+# --------------------------------------------------------------------------- FFN
+class Expert(nn.Module):
+    """SwiGLU FFN; the clamp (swiglu_limit) bounds the gate from above and the up branch both ways."""
+
+    def __init__(self, dim: int, inter: int, limit: float | None):
+        super().__init__()
+        self.w1, self.w2, self.w3 = Linear(dim, inter), Linear(inter, dim), Linear(dim, inter)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.w1.weight), linear(x, self.w3.weight)
+        if self.limit:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        return linear(F.silu(gate) * up, self.w2.weight)
+
+
+class Gate(nn.Module):
+    """Router: scores from x; top-k by score + correction bias, or hash-routed by token id."""
+
+    def __init__(self, config: ModelConfig, hashed: bool):
+        super().__init__()
+        c = config
+        self.topk, self.func, self.scaling = c.num_experts_per_tok, c.scoring_func, c.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(c.vocab_size, c.num_experts_per_tok, dtype=torch.long))
+            self.bias = None
+        else:
+            self.bias = nn.Parameter(torch.zeros(c.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if self.bias is None:
+            idx = self.tid2eid[input_ids].long()
+        else:
+            idx = torch.topk(scores + self.bias.float(), self.topk, dim=-1).indices
+        w = scores.gather(-1, idx)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, shared_clamp: bool):
+        super().__init__()
+        c = config
+        self.gate = Gate(c, hashed=c.is_hash_layer(layer_id))
+        self.experts = nn.ModuleList(Expert(c.hidden_size, c.moe_intermediate_size, c.swiglu_limit)
+                                     for _ in range(c.n_routed_experts))
+        self.shared_experts = (Expert(c.hidden_size, c.moe_intermediate_size, c.swiglu_limit if shared_clamp else None)
+                               if c.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat, input_ids.reshape(-1))
+        out = torch.zeros_like(flat, dtype=torch.float32)
+        for e in idx.unique().tolist():  # only the experts some token picked
+            tok, slot = torch.where(idx == e)
+            y = self.experts[e](flat[tok]).float() * weights[tok, slot, None]
+            out.index_add_(0, tok, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat).float()
+        return out.to(x.dtype).view(shape)
+
+
+# --------------------------------------------------------------------------- mHC + block
+def _hc_params(module: nn.Module, prefix: str, config: ModelConfig, n_out: int, n_scales: int) -> None:
+    """Hyper-connection parameters under their official flat names (hc_attn_fn, hc_head_base, ...)."""
+    hc_width = config.hc_mult * config.hidden_size
+    setattr(module, f"{prefix}_fn", nn.Parameter(torch.empty(n_out, hc_width, dtype=torch.float32)))
+    setattr(module, f"{prefix}_base", nn.Parameter(torch.empty(n_out, dtype=torch.float32)))
+    setattr(module, f"{prefix}_scale", nn.Parameter(torch.empty(n_scales, dtype=torch.float32)))
+
+
+def hc_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Linear read-out of the RMS-normalized, flattened streams [B, S, hc, d] (fp32)."""
+    flat = streams.flatten(2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
+    return F.linear(flat, fn.float())
+
+
+def hc_pre(streams: torch.Tensor, fn, base, scale, c: ModelConfig):
+    """mHC weights: collapse the streams into one block input; return (input, post, comb).
+
+    pre = sigmoid + eps, post = 2 sigmoid, comb = Sinkhorn(softmax + eps) (doubly stochastic).
+    """
+    hc, mix = c.hc_mult, hc_mixes(streams, fn, c.rms_norm_eps)
+    base, scale, eps = base.float(), scale.float(), c.hc_eps
+    pre = torch.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + eps
+    post = 2 * torch.sigmoid(mix[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
+    comb = (mix[..., 2 * hc:] * scale[2] + base[2 * hc:]).unflatten(-1, (hc, hc)).softmax(-1) + eps
+    comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    for _ in range(c.hc_sinkhorn_iters - 1):  # Sinkhorn: alternate row and column normalization
+        comb = comb / (comb.sum(-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(-2, keepdim=True) + eps)
+    collapsed = (pre.unsqueeze(-1) * streams.float()).sum(2).to(streams.dtype)
+    return collapsed, post, comb
+
+
+def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """New stream k = post_k * out + sum_j comb[j, k] * stream_j."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, streams.float())
+    return (post.unsqueeze(-1) * out.float().unsqueeze(2) + mixed).to(streams.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, shared_clamp: bool):
+        super().__init__()
+        c = self.config = config
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c, layer_id)
+        self.ffn = MoE(c, layer_id, shared_clamp) if c.ffn_type == "moe" else \
+            Expert(c.hidden_size, c.intermediate_size, c.swiglu_limit)
+        n_out = (2 + c.hc_mult) * c.hc_mult
+        _hc_params(self, "hc_attn", c, n_out, 3)
+        _hc_params(self, "hc_ffn", c, n_out, 3)
+
+    def forward(self, streams, input_ids, q_pos, layer: LayerCache, quant_sim: bool):
+        x, post, comb = hc_pre(streams, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.config)
+        out = self.attn(self.attn_norm(x), q_pos, layer, quant_sim)
+        streams = hc_post(out, streams, post, comb)
+        x, post, comb = hc_pre(streams, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.config)
+        h = self.ffn_norm(x)
+        out = self.ffn(h, input_ids) if isinstance(self.ffn, MoE) else self.ffn(h)
+        return hc_post(out, streams, post, comb)
+
+
+class Transformer(nn.Module):
+    """forward(input_ids [B, S], cache=None) -> logits [B, S, vocab] (fp32).
+
+    Without a cache the call is a fresh prefill. With one, it continues from cache.pos and
+    updates the cache in place: one token per sequence is a decoding step, more is chunked prefill.
+    """
+
+    def __init__(self, config: ModelConfig, *, quant_sim: bool = False, shared_expert_clamp: bool | None = None):
+        super().__init__()
+        if quant_sim:
+            config.check_quant_sim()
+        self.config, self.quant_sim = config, quant_sim
+        shared_clamp = (not quant_sim) if shared_expert_clamp is None else shared_expert_clamp
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i, shared_clamp) for i in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.head = Linear(c.hidden_size, c.vocab_size)
+        _hc_params(self, "hc_head", c, c.hc_mult, 1)
+
+    def collapse_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        """Final mHC collapse (hc_head_*): sigmoid weights only, no mixing."""
+        c = self.config
+        mix = hc_mixes(streams, self.hc_head_fn, c.rms_norm_eps)
+        pre = torch.sigmoid(mix * self.hc_head_scale.float() + self.hc_head_base.float()) + c.hc_eps
+        return (pre.unsqueeze(-1) * streams.float()).sum(2).to(streams.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def new_cache(self, batch: int) -> Cache:
+        return Cache(self.config, batch, dtype=self.dtype, device=self.embed.weight.device)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(b)
+        elif cache.batch != b:
+            raise ValueError(f"cache holds {cache.batch} sequences but input_ids has batch {b}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        q_pos = cache.pos.unsqueeze(1) + torch.arange(s, device=input_ids.device)
+        if int(q_pos.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(q_pos.max())} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        h = self.embed(input_ids)
+        streams = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for block, layer in zip(self.layers, cache.layers):
+            streams = block(streams, input_ids, q_pos, layer, self.quant_sim)
+        cache.pos += s
+        h = self.norm(self.collapse_streams(streams))
+        return linear(h, self.head.weight).float()
+
+    # -- parameters --------------------------------------------------------------------------
+    def reset_buffers(self) -> None:
+        """Recompute derived buffers (RoPE frequencies), e.g. after building on the meta device."""
+        for module in self.modules():
+            if isinstance(module, Rotary):
+                module.reset_buffers()
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> "Transformer":
+        """Deterministic random weights with healthy activation scales (for presets and tests)."""
+        g = torch.Generator().manual_seed(seed)
+
+        def normal(p: torch.Tensor, std: float, mean: float = 0.0) -> None:
+            p.copy_(torch.randn(p.shape, generator=g) * std + mean)
+
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                normal(p, 0.1, 1.0)
+            elif leaf == "weight" and p.dim() == 2 and "embed" not in name:
+                normal(p, p.shape[1] ** -0.5)
+            elif "embed" in name:
+                normal(p, 1.0)
+            elif leaf == "ape":
+                normal(p, 0.5)
+            elif leaf == "attn_sink":
+                normal(p, 1.0)
+            elif leaf.endswith("_fn"):
+                normal(p, 0.02)
+            elif leaf.endswith("_base"):
+                normal(p, 0.1)
+            elif leaf.endswith("_scale"):
+                normal(p, 0.1, 1.0)
+            elif leaf == "bias":
+                normal(p, 0.01)
+            else:
+                raise AssertionError(f"no init rule for {name}")
+        for module in self.modules():
+            if isinstance(module, Gate) and module.bias is None:
+                e = module.weight.shape[0]
+                module.tid2eid.copy_(torch.stack([torch.randperm(e, generator=g)[: module.topk]
+                                                  for _ in range(module.tid2eid.shape[0])]))
+        self.reset_buffers()
+        return self
