@@ -91,6 +91,36 @@ class Cache:
                 layer.index_compressor = CompressorState.empty(batch, 2 * ratio, 2 * di, device)
             self.layers.append(layer)
 
+    @classmethod
+    def merge(cls, caches: list["Cache"]) -> "Cache":
+        """Stack per-sequence caches (e.g. prompts of different lengths prefilled one at a time)
+        into one batch; decoding then advances every sequence from its own position."""
+        if not caches:
+            raise ValueError("Cache.merge needs at least one cache")
+        first = caches[0]
+        if any(c.config != first.config for c in caches):
+            raise ValueError("Cache.merge: caches come from different model configs")
+        out = cls.__new__(cls)
+        out.config, out.pos = first.config, torch.cat([c.pos for c in caches])
+        out.layers = []
+        for per_seq in zip(*(c.layers for c in caches)):
+            n = max((l.entries.shape[1] for l in per_seq if l.entries is not None), default=0)
+            for l in per_seq:
+                l.reserve(n)  # equal entry capacity, so the buffers stack
+
+            def stack(name: str) -> torch.Tensor | None:
+                parts = [getattr(l, name) for l in per_seq]
+                return None if parts[0] is None else torch.cat([p[:, :n] for p in parts])
+
+            out.layers.append(LayerCache(
+                ratio=per_seq[0].ratio,
+                window_kv=torch.cat([l.window_kv for l in per_seq]),
+                window_pos=torch.cat([l.window_pos for l in per_seq]),
+                entries=stack("entries"), index_keys=stack("index_keys"),
+                compressor=_cat_state([l.compressor for l in per_seq]),
+                index_compressor=_cat_state([l.index_compressor for l in per_seq])))
+        return out
+
     @property
     def batch(self) -> int:
         return self.pos.shape[0]
@@ -105,3 +135,9 @@ class Cache:
                 key = name.split(".")[0]
                 parts[key] = parts.get(key, 0) + t.numel() * t.element_size()
         return parts
+
+
+def _cat_state(states: list[CompressorState | None]) -> CompressorState | None:
+    if states[0] is None:
+        return None
+    return CompressorState(torch.cat([s.kv for s in states]), torch.cat([s.score for s in states]))

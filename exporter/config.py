@@ -111,10 +111,12 @@ class ModelConfig:
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank",
                     "o_groups", "o_lora_rank", "window", "hc_mult", "hc_sinkhorn_iters",
                     "max_position_embeddings"]
+        hf_key = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                  "window": "sliding_window"}
         for key in positive:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(key, v, "must be a positive integer")
+                raise bad(hf_key.get(key, key), v, "must be a positive integer")
         if len(self.compress_ratios) != self.num_layers:
             raise bad("compress_ratios", list(self.compress_ratios),
                       f"has {len(self.compress_ratios)} entries for num_hidden_layers={self.num_layers}")
@@ -221,6 +223,7 @@ class ModelConfig:
             "hc_eps": self.hc_eps,
             "tie_word_embeddings": self.tie_word_embeddings,
             "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "routed_scaling_factor": self.routed_scaling_factor,
         }
         if self.yarn is not None:
             d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.yarn)}
@@ -228,7 +231,6 @@ class ModelConfig:
             d.update(n_routed_experts=self.n_routed_experts, n_shared_experts=self.n_shared_experts,
                      num_experts_per_tok=self.num_experts_per_tok,
                      moe_intermediate_size=self.moe_intermediate_size,
-                     routed_scaling_factor=self.routed_scaling_factor,
                      num_hash_layers=self.num_hash_layers, scoring_func=self.scoring_func,
                      norm_topk_prob=self.norm_topk_prob, swiglu_limit=self.swiglu_limit)
         else:
@@ -253,16 +255,20 @@ _IGNORED_KEYS = {
 }
 
 
+def _as_int(key: str, value: Any) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or int(value) != value):
+        raise ConfigError(f"config key {key!r} = {value!r}: must be an integer")
+    return int(value)
+
+
 def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
     def need(key: str) -> Any:
         if key not in d:
             raise ConfigError(f"config key {key!r} is missing")
         return d[key]
 
-    def as_int(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"config key {key!r} = {value!r}: must be an integer")
-        return int(value)
+    as_int = _as_int
 
     n_layers = as_int("num_hidden_layers", need("num_hidden_layers"))
     n_kv = d.get("num_key_value_heads", 1)
@@ -274,6 +280,10 @@ def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
     head_dim = as_int("head_dim", need("head_dim"))
     if "qk_rope_head_dim" in d:
         rope_dim = as_int("qk_rope_head_dim", d["qk_rope_head_dim"])
+        prf = d.get("partial_rotary_factor")
+        if prf is not None and round(head_dim * float(prf)) != rope_dim:
+            raise ConfigError(f"config key 'partial_rotary_factor' = {prf!r}: disagrees with "
+                              f"qk_rope_head_dim={rope_dim} (head_dim={head_dim})")
     elif "partial_rotary_factor" in d:
         rope_dim = round(head_dim * float(d["partial_rotary_factor"]))
     else:
@@ -315,6 +325,7 @@ def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
         hc_eps=float(d.get("hc_eps", 1e-6)),
         ffn_type=ffn_type,
         swiglu_limit=float(d.get("swiglu_limit", 10.0)),
+        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         num_nextn_predict_layers=as_int("num_nextn_predict_layers", d.get("num_nextn_predict_layers", 0)),
         name=name,
@@ -336,7 +347,6 @@ def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
             n_shared_experts=as_int("n_shared_experts", d.get("n_shared_experts", 1)),
             num_experts_per_tok=as_int("num_experts_per_tok", need("num_experts_per_tok")),
             moe_intermediate_size=inter,
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
             num_hash_layers=num_hash,
             scoring_func=d.get("scoring_func", "sqrtsoftplus"),
         )
@@ -359,6 +369,15 @@ _USED_KEYS = {
 def _layer_schedule(d: dict[str, Any], n_layers: int) -> tuple[int, ...]:
     """compress_ratios (n_layers or n_layers + MTP entries) or layer_types; both must agree."""
     from_ratios = from_types = None
+    rates = dict(d.get("compress_rates") or {})
+    for legacy, kind in (("compress_rate_csa", "compressed_sparse_attention"),
+                         ("compress_rate_hca", "heavily_compressed_attention")):
+        if legacy in d:
+            rates[kind] = d[legacy]
+    for kind, rate in rates.items():
+        if LAYER_TYPE_TO_RATIO.get(kind) != rate:
+            raise ConfigError(f"config key 'compress_rates[{kind!r}]' = {rate!r}: hatrt implements "
+                              f"{LAYER_TYPE_TO_RATIO.get(kind)} for {kind}")
     if "compress_ratios" in d:
         ratios = d["compress_ratios"]
         n_mtp = d.get("num_nextn_predict_layers", 0) or 0
@@ -376,15 +395,6 @@ def _layer_schedule(d: dict[str, Any], n_layers: int) -> tuple[int, ...]:
         if not isinstance(types, list) or len(types) != n_layers:
             n = len(types) if isinstance(types, list) else "?"
             raise ConfigError(f"config key 'layer_types' has {n} entries for num_hidden_layers={n_layers}")
-        rates = dict(d.get("compress_rates") or {})
-        for legacy, kind in (("compress_rate_csa", "compressed_sparse_attention"),
-                             ("compress_rate_hca", "heavily_compressed_attention")):
-            if legacy in d:
-                rates[kind] = d[legacy]
-        for kind, rate in rates.items():
-            if LAYER_TYPE_TO_RATIO.get(kind) != rate:
-                raise ConfigError(f"config key 'compress_rates[{kind!r}]' = {rate!r}: hatrt implements "
-                                  f"{LAYER_TYPE_TO_RATIO.get(kind)} for {kind}")
         out = []
         for i, t in enumerate(types):
             if t not in LAYER_TYPE_TO_RATIO:
@@ -418,7 +428,7 @@ def _num_hash_layers(d: dict[str, Any], n_layers: int) -> int:
         return n_hash
     if "num_hash_layers" not in d:
         raise ConfigError("config key 'num_hash_layers' is missing (nor is 'mlp_layer_types' given)")
-    return int(d["num_hash_layers"])
+    return _as_int("num_hash_layers", d["num_hash_layers"])
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, float, Yarn | None]:
@@ -449,7 +459,8 @@ def _yarn(s: dict[str, Any], where: str) -> Yarn | None:
         raise ConfigError(f"config key '{where}.rope_type' = {kind!r}: V4 uses 'yarn' or 'default'")
     for key in ("attention_factor", "mscale", "mscale_all_dim"):
         v = s.get(key)
-        if v not in (None, 1, 1.0, 0) and not (key == "mscale_all_dim" and v == s.get("mscale")):
+        ok = (None, 1) if key == "attention_factor" else (None, 1, 0)  # attention_factor 0 zeroes cos/sin
+        if v not in ok and not (key == "mscale_all_dim" and v == s.get("mscale")):
             raise ConfigError(f"config key '{where}.{key}' = {v!r}: V4's YaRN applies no attention "
                               "scaling (must be 1)")
     try:

@@ -7,7 +7,11 @@
   and the fp32 compressor tail state).
 * How many FLOPs does one generated token cost at context N? Attention core + lightning indexer
   ("FP8-equivalent": BF16 math counts 2x, FP8 1x, FP4 0.5x) + 2 x active parameters (the weight
-  matmuls, counted as FP8, 1x).
+  matmuls, counted as FP8, 1x). The weight term uses the PUBLISHED active-parameter count when the
+  config is one of the published models (V3.2 37B; a config equal to preset "v4-flash" 13B or
+  "v4-pro" 49B) and the count derived from the config otherwise; the counted breakdown is always
+  reported beside it (`active_params`), and `weight_params` / `weight_params_source` say which
+  number the weight FLOPs used.
 
 Both are compared with two baselines: DeepSeek-V3.2 (MLA + DSA indexer, its published config
 hard-coded below) and a dense BF16 GQA-8 version of the same model. The method, the formulas and
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import CSA, HCA, WINDOW, ConfigError, ModelConfig
+from .presets import preset
 
 GIB = 2**30
 
@@ -157,6 +162,33 @@ def head_params(cfg: ModelConfig) -> int:
     return cfg.vocab_size * cfg.hidden_size
 
 
+# ---------------------------------------------------------------------------- published counts
+# Published active parameters per token (model cards). The weight FLOPs use these for the
+# published models so that the headline ratios match the attention spec (section 7) exactly;
+# any other config uses the count derived from its fields (`ActiveParams.total`).
+PUBLISHED = "published"
+COUNTED = "config"
+V32_PUBLISHED_ACTIVE_PARAMS = 37_000_000_000
+PUBLISHED_ACTIVE_PARAMS = {"v4-flash": 13_000_000_000, "v4-pro": 49_000_000_000}
+
+
+def published_model(cfg: ModelConfig) -> str | None:
+    """The preset name of the published model `cfg` is (dataclass ==, which ignores `name`, so a
+    config.json read with --config matches too), or None."""
+    for name in PUBLISHED_ACTIVE_PARAMS:
+        if cfg == preset(name):
+            return name
+    return None
+
+
+def weight_params(cfg: ModelConfig, counted: int) -> tuple[int, str]:
+    """(parameters the weight FLOPs use, "published" | "config") for `cfg`."""
+    name = published_model(cfg)
+    if name is None:
+        return counted, COUNTED
+    return PUBLISHED_ACTIVE_PARAMS[name], PUBLISHED
+
+
 # ---------------------------------------------------------------------------- baselines
 # DeepSeek-V3.2(-Exp) published config.json: MLA attention + DSA lightning indexer.
 V32_NAME = "DeepSeek-V3.2"
@@ -195,7 +227,9 @@ class Baseline:
     bytes_at_n: int
     gib_at_n: float
     attention_flops: float   # FP8-equivalent, all layers, one generated token at N
-    active_params: ActiveParams
+    active_params: ActiveParams  # counted from the config (breakdown)
+    weight_params: int           # the count the weight FLOPs use (2 x weight_params)
+    weight_params_source: str    # "published" | "config"
     weight_flops: float
     total_flops: float
 
@@ -243,16 +277,29 @@ def v32_baseline(context: int) -> Baseline:
             * ((V32_KV_LORA + V32_ROPE) + V32_KV_LORA) * BF16_FACTOR)
     attention = V32_LAYERS * (indexer + core)
     params = v32_active_params()
+    weights = V32_PUBLISHED_ACTIVE_PARAMS
     return Baseline(
         name="v3.2", label=V32_NAME, description=f"{V32_NAME} (MLA {mla} B + FP8 indexer key {key} B per layer)",
         layers=V32_LAYERS, kv_bytes_per_token=float(per_token), bytes_at_n=per_token * n,
         gib_at_n=per_token * n / GIB, attention_flops=attention, active_params=params,
-        weight_flops=2.0 * params.total, total_flops=attention + 2.0 * params.total)
+        weight_params=weights, weight_params_source=PUBLISHED,
+        weight_flops=2.0 * weights, total_flops=attention + 2.0 * weights)
 
 
-def gqa8_baseline(cfg: ModelConfig, context: int) -> Baseline:
+def _attention_side(p: ActiveParams) -> int:
+    return p.attention + p.compressor + p.indexer
+
+
+def gqa8_baseline(cfg: ModelConfig, context: int, model_params: ActiveParams | None = None,
+                  model_weight_params: int | None = None,
+                  model_weight_source: str | None = None) -> Baseline:
     """Same layers, query heads and non-attention weights; dense causal attention over all N
-    tokens with head_dim 128, 8 KV heads and a BF16 KV cache."""
+    tokens with head_dim 128, 8 KV heads and a BF16 KV cache.
+
+    Weight params = the model's weight params (published or counted) - its counted attention-side
+    params (projections, compressors, indexers) + the GQA projections; with the counted model
+    params that is exactly `active_params.total`. `model_*` default to the values for `cfg`.
+    """
     n, d, h = context, cfg.hidden_size, cfg.num_heads
     per_token = cfg.num_layers * 2 * GQA_KV_HEADS * GQA_HEAD_DIM * 2  # K and V, BF16
     core = 2 * h * n * (GQA_HEAD_DIM + GQA_HEAD_DIM) * BF16_FACTOR
@@ -260,12 +307,28 @@ def gqa8_baseline(cfg: ModelConfig, context: int) -> Baseline:
     proj = d * h * GQA_HEAD_DIM + 2 * d * GQA_KV_HEADS * GQA_HEAD_DIM + h * GQA_HEAD_DIM * d
     params = ActiveParams(attention=cfg.num_layers * proj, ffn=cfg.num_layers * _ffn_params(cfg),
                           mhc=cfg.num_layers * _mhc_params(cfg), head=head_params(cfg))
+    if model_params is None:
+        model_params = model_active_params(cfg)
+    if model_weight_params is None:
+        model_weight_params, model_weight_source = weight_params(cfg, model_params.total)
+    weights = model_weight_params - _attention_side(model_params) + params.attention
     return Baseline(
         name="gqa8", label=f"dense BF16 GQA-{GQA_KV_HEADS}", description=f"dense BF16 GQA-{GQA_KV_HEADS} ({h} heads x {GQA_HEAD_DIM}, "
                                  "full causal attention)",
         layers=cfg.num_layers, kv_bytes_per_token=float(per_token), bytes_at_n=per_token * n,
         gib_at_n=per_token * n / GIB, attention_flops=attention, active_params=params,
-        weight_flops=2.0 * params.total, total_flops=attention + 2.0 * params.total)
+        weight_params=weights, weight_params_source=model_weight_source or COUNTED,
+        weight_flops=2.0 * weights, total_flops=attention + 2.0 * weights)
+
+
+def model_active_params(cfg: ModelConfig) -> ActiveParams:
+    """Counted active parameters of the whole model (all layers + output head)."""
+    params = ActiveParams(head=head_params(cfg))
+    for ratio in (WINDOW, CSA, HCA):
+        count = sum(r == ratio for r in cfg.compress_ratios)
+        if count:
+            params = params + layer_params(cfg, ratio).scaled(count)
+    return params
 
 
 # ---------------------------------------------------------------------------- the model
@@ -324,7 +387,9 @@ class ModelCosts:
     total_gib_at_n: float          # including the fixed part
     # FLOPs per generated token at N
     attention_flops: float
-    active_params: ActiveParams
+    active_params: ActiveParams    # counted from the config (breakdown)
+    weight_params: int             # the count the weight FLOPs use (2 x weight_params)
+    weight_params_source: str      # "published" (cfg equals preset v4-flash / v4-pro) | "config"
     weight_flops: float
     total_flops: float
     # baselines and headline ratios
@@ -378,7 +443,9 @@ def model_costs(cfg: ModelConfig, context: int = 2**20, indexer_format: str = "f
     n = context
     entry = main_entry(cfg.head_dim, cfg.rope_dim)
     key = indexer_key_bytes(cfg.index_head_dim, indexer_format)
-    v32, gqa = v32_baseline(n), gqa8_baseline(cfg, n)
+    params = model_active_params(cfg)
+    weights, source = weight_params(cfg, params.total)
+    v32, gqa = v32_baseline(n), gqa8_baseline(cfg, n, params, weights, source)
     v32_layer_kv, gqa_layer_kv = v32.kv_bytes_per_token / v32.layers, gqa.kv_bytes_per_token / gqa.layers
     v32_layer_attn, gqa_layer_attn = v32.attention_flops / v32.layers, gqa.attention_flops / gqa.layers
 
@@ -412,14 +479,11 @@ def model_costs(cfg: ModelConfig, context: int = 2**20, indexer_format: str = "f
             attention_ratio_vs_v32=_ratio(core + indexer, v32_layer_attn),
             attention_ratio_vs_gqa8=_ratio(core + indexer, gqa_layer_attn)))
 
-    params = ActiveParams(head=head_params(cfg))
-    for row in rows:
-        params = params + row.active_params
     kv = sum(r.kv_bytes_per_token for r in rows)
     attention = sum(r.attention_flops for r in rows)
     compressed = sum(r.compressed_bytes_at_n for r in rows)
     fixed = sum(r.fixed_bytes for r in rows)
-    total = attention + 2.0 * params.total
+    total = attention + 2.0 * weights
     return ModelCosts(
         model=cfg.name, context=n, indexer_format=indexer_format, main_entry=entry,
         indexer_key_bytes=key, layers=cfg.num_layers,
@@ -428,8 +492,8 @@ def model_costs(cfg: ModelConfig, context: int = 2**20, indexer_format: str = "f
         state_bytes=sum(r.state_bytes for r in rows), fixed_bytes=fixed,
         compressed_bytes_at_n=compressed, bytes_at_n=compressed + fixed,
         kv_gib_at_n=compressed / GIB, total_gib_at_n=(compressed + fixed) / GIB,
-        attention_flops=attention, active_params=params, weight_flops=2.0 * params.total,
-        total_flops=total, v32=v32, gqa8=gqa,
+        attention_flops=attention, active_params=params, weight_params=weights,
+        weight_params_source=source, weight_flops=2.0 * weights, total_flops=total, v32=v32, gqa8=gqa,
         kv_ratio_vs_v32=_ratio(kv, v32.kv_bytes_per_token),
         kv_ratio_vs_gqa8=_ratio(kv, gqa.kv_bytes_per_token),
         flops_ratio_vs_v32=_ratio(total, v32.total_flops),
@@ -460,6 +524,13 @@ def _count(x: float) -> str:
         if abs(x) >= size:
             return f"{x / size:.2f}{unit}"
     return f"{x:.0f}"
+
+
+def _weights(n: int, source: str) -> str:
+    """A weight-parameter count as printed: published counts as published ("13B")."""
+    if source == PUBLISHED and n % 10**9 == 0:
+        return f"{n // 10**9}B"
+    return _count(n)
 
 
 def format_report(c: ModelCosts) -> str:
@@ -497,25 +568,39 @@ def format_report(c: ModelCosts) -> str:
                         c.attention_flops, (c.kv_ratio_vs_v32, c.kv_ratio_vs_gqa8,
                                             c.attention_ratio_vs_v32, c.attention_ratio_vs_gqa8))]
     ap = c.active_params
+    breakdown = (f"attention {_count(ap.attention)}, compressors {_count(ap.compressor)}, indexers "
+                 f"{_count(ap.indexer)}, FFN {_count(ap.ffn)}, mHC {_count(ap.mhc)}, head "
+                 f"{_count(ap.head)}")
+    if c.weight_params_source == PUBLISHED:
+        params_line = (f"active params {_weights(c.weight_params, PUBLISHED)} published "
+                       f"({_count(ap.total)} counted from config: {breakdown})")
+    else:
+        params_line = f"active params {_count(ap.total)} counted from config ({breakdown})"
     lines += [
         "",
         f"fixed part: sliding window {c.window_bytes:,} B + fp32 compressor state "
         f"{c.state_bytes:,} B = {c.fixed_bytes:,} B per sequence",
         f"growing part at N: {c.compressed_bytes_at_n:,} B = {_num(c.kv_gib_at_n)} GiB "
         f"({c.kv_bytes_per_token:,.2f} B/token amortized)",
-        f"active params {_count(ap.total)} (attention {_count(ap.attention)}, compressors "
-        f"{_count(ap.compressor)}, indexers {_count(ap.indexer)}, FFN {_count(ap.ffn)}, "
-        f"mHC {_count(ap.mhc)}, head {_count(ap.head)})",
+        params_line,
         f"GFLOP per generated token (FP8-equivalent): attention {_num(c.attention_flops / g)} + "
         f"weights {_num(c.weight_flops / g)} = {_num(c.total_flops / g)}",
         "",
         f"{'baseline at N':<20}{'KV B/token':>12}{'GiB at N':>10}{'attn GFLOP':>12}"
-        f"{'weight GFLOP':>14}{'total GFLOP':>13}{'params':>9}",
+        f"{'weight GFLOP':>14}{'total GFLOP':>13}{'params':>9}  weight params from",
     ]
     for b in (c.v32, c.gqa8):
+        if b.name == "v3.2":
+            note = f"published ({_count(b.active_params.total)} counted from config)"
+        elif b.weight_params_source == PUBLISHED:
+            note = (f"model's published {_weights(c.weight_params, PUBLISHED)} - its attention side "
+                    f"{_count(_attention_side(ap))} + GQA projections {_count(b.active_params.attention)}")
+        else:
+            note = "counted from config"
         lines.append(f"{b.label:<20}{b.kv_bytes_per_token:>12,.0f}{_num(b.gib_at_n):>10}"
                      f"{_num(b.attention_flops / g):>12}{_num(b.weight_flops / g):>14}"
-                     f"{_num(b.total_flops / g):>13}{_count(b.active_params.total):>9}")
+                     f"{_num(b.total_flops / g):>13}{_weights(b.weight_params, b.weight_params_source):>9}"
+                     f"  {note}")
     lines += [
         "",
         f"summary: KV cache {_pct(c.kv_ratio_vs_v32)} of V3.2 ({c.kv_bytes_per_token:,.0f} vs "

@@ -13,8 +13,10 @@ from click.testing import CliRunner
 from engines.cli import main
 from exporter import ConfigError, preset
 from exporter.config import CSA, HCA, WINDOW
-from exporter.costs import (GIB, ActiveParams, indexer_key_bytes, layer_params, main_entry,
-                            model_costs, v32_active_params, v32_baseline, v32_kv_entry_bytes)
+from exporter.costs import (GIB, PUBLISHED_ACTIVE_PARAMS, V32_PUBLISHED_ACTIVE_PARAMS, ActiveParams,
+                            format_report, gqa8_baseline, indexer_key_bytes, layer_params,
+                            main_entry, model_active_params, model_costs, published_model,
+                            v32_active_params, v32_baseline, v32_kv_entry_bytes)
 from exporter.presets import PRESETS
 
 N = 2**20
@@ -129,19 +131,49 @@ def test_flop_totals_within_1_percent(flash, pro):
     assert pro.total_flops / G == pytest.approx(316, rel=0.01)
     assert flash.total_flops / G == pytest.approx(118, rel=0.01)
     assert v32.attention_flops / G == pytest.approx(1117.56, abs=0.01)
+    assert (v32.weight_flops, flash.weight_flops, pro.weight_flops) == (74e9, 26e9, 98e9)
 
 
-def test_flop_ratios(flash, pro):
+def test_headline_ratios_match_spec_exactly(flash, pro):
+    """Spec section 7, to one decimal: FLOPs 26.5% / 9.9%, KV 10.5% / 7.3% of V3.2."""
     assert round(100 * pro.flops_ratio_vs_v32, 1) == 26.5
-    # Config-derived active params give Flash 118.84 / 1192.52 = 9.97% (prints as 10.0%); the
-    # spec's 9.9% used the rounded published counts (13B / 37B), see the next test.
-    assert abs(100 * flash.flops_ratio_vs_v32 - 9.9) < 0.1
+    assert round(100 * flash.flops_ratio_vs_v32, 1) == 9.9
+    assert round(100 * pro.kv_ratio_vs_v32, 1) == 10.5
+    assert round(100 * flash.kv_ratio_vs_v32, 1) == 7.3
 
 
-def test_spec_ratios_with_published_active_params(flash, pro):
-    v32 = flash.v32.attention_flops + 2 * 37e9
-    assert round(100 * (flash.attention_flops + 2 * 13e9) / v32, 1) == 9.9
-    assert round(100 * (pro.attention_flops + 2 * 49e9) / v32, 1) == 26.5
+def test_published_models_use_published_weight_params(flash, pro):
+    assert V32_PUBLISHED_ACTIVE_PARAMS == 37e9
+    assert PUBLISHED_ACTIVE_PARAMS == {"v4-flash": 13e9, "v4-pro": 49e9}
+    for c, count in ((flash, 13e9), (pro, 49e9)):
+        assert (c.weight_params, c.weight_params_source) == (count, "published")
+        assert c.weight_flops == 2 * count
+        assert c.total_flops == c.attention_flops + 2 * count
+    assert (flash.v32.weight_params, flash.v32.weight_params_source) == (37e9, "published")
+    # The counted breakdown is still reported.
+    assert flash.active_params == model_active_params(preset("v4-flash"))
+    assert flash.active_params.total != flash.weight_params
+
+
+def test_published_match_ignores_name_only():
+    cfg = preset("v4-flash")
+    assert published_model(cfg) == "v4-flash" and published_model(preset("v4-pro")) == "v4-pro"
+    assert published_model(cfg.replace(name="DeepSeek-V4-Flash")) == "v4-flash"
+    for name in sorted(set(PRESETS) - {"v4-flash", "v4-pro"}):
+        assert published_model(preset(name)) is None
+
+
+@pytest.mark.parametrize("changes", [dict(index_topk=1024), dict(num_experts_per_tok=8),
+                                     dict(max_position_embeddings=2**21)])
+def test_non_published_config_counts_from_config(changes):
+    cfg = preset("v4-flash").replace(**changes)
+    c = model_costs(cfg, N)
+    assert (c.weight_params, c.weight_params_source) == (c.active_params.total, "config")
+    assert c.total_flops == c.attention_flops + 2 * c.active_params.total
+    assert c.gqa8.weight_params == c.gqa8.active_params.total
+    assert c.gqa8.weight_params_source == "config"
+    assert (c.v32.weight_params, c.v32.weight_params_source) == (37e9, "published")  # always
+    assert "counted from config (attention" in format_report(c)
 
 
 def test_active_params_match_published_counts(flash, pro):
@@ -157,7 +189,7 @@ def test_attention_flops_formula(flash):
         assert r.keys_per_query == keys
         assert r.attention_core_flops == r.layers * 2 * h * keys * (d + d) * 2
     assert flash.layer_type("csa").indexer_flops == 21 * 2 * 64 * 128 * (N // 4) * 0.5
-    assert flash.total_flops == flash.attention_flops + 2 * flash.active_params.total
+    assert flash.total_flops == flash.attention_flops + 2 * flash.weight_params
 
 
 def test_short_context_caps_keys():
@@ -188,6 +220,11 @@ def test_gqa8_baseline(flash):
     ap = flash.active_params
     assert (b.active_params.ffn, b.active_params.mhc, b.active_params.head) == (ap.ffn, ap.mhc, ap.head)
     assert round(100 * flash.kv_ratio_vs_gqa8, 1) == 2.0
+    # Weights: the model's published 13B with its counted attention side swapped for GQA's own.
+    assert b.weight_params == 13e9 - (ap.attention + ap.compressor + ap.indexer) + b.active_params.attention
+    assert b.weight_params_source == "published" and b.weight_flops == 2 * b.weight_params
+    assert b.total_flops == b.attention_flops + b.weight_flops
+    assert gqa8_baseline(preset("v4-flash"), N) == b  # defaults give the same baseline
 
 
 def test_dense_ffn_params():
@@ -227,15 +264,18 @@ def run(*args: str):
 def test_cli_human_output_flash():
     r = run("--preset", "v4-flash")
     assert r.exit_code == 0, r.output
-    for s in ("3,514.25", "7.3%", "3.43", "46.94", "48,068", "118.84", "1,192.52", "584 B",
-              "68 B", "window-only", "CSA", "HCA", "summary:"):
+    for s in ("3,514.25", "7.3%", "3.43", "46.94", "48,068", "118.31", "1,191.56", "9.9%", "584 B",
+              "68 B", "window-only", "CSA", "HCA", "summary:",
+              "active params 13B published (13.27B counted from config: attention 4.60B",
+              "37B  published (37.48B counted from config)"):
         assert s in r.output, s
+    assert "10.0%" not in r.output
 
 
 def test_cli_human_output_pro():
     r = run("--preset", "v4-pro", "--context", "1M")
     assert r.exit_code == 0, r.output
-    for s in ("5,031.44", "10.5%", "4.91", "26.5%", "315.47"):
+    for s in ("5,031.44", "10.5%", "4.91", "26.5%", "315.77", "active params 49B published (48.85B"):
         assert s in r.output, s
 
 
@@ -246,6 +286,11 @@ def test_cli_json_matches_costs():
     want = model_costs(preset("v4-pro"), 128 * 1024, "fp8").to_dict()
     assert got == json.loads(json.dumps(want))
     assert got["context"] == 131072 and got["indexer_key_bytes"] == 132
+    assert (got["weight_params"], got["weight_params_source"]) == (49_000_000_000, "published")
+    assert got["weight_flops"] == 98e9 and got["active_params"]["total"] == model_active_params(preset("v4-pro")).total
+    assert (got["v32"]["weight_params"], got["v32"]["weight_params_source"]) == (37_000_000_000, "published")
+    assert got["v32"]["active_params"]["total"] > 37e9
+    assert got["gqa8"]["weight_params_source"] == "published"
 
 
 @pytest.mark.parametrize("text,n", [("1048576", N), ("1,048,576", N), ("1M", N), ("2^20", N),
@@ -262,8 +307,21 @@ def test_cli_config_file(tmp_path):
     path.write_text(json.dumps(preset("tiny-pro").to_hf_dict()))
     r = run("--config", str(path), "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output) == json.loads(json.dumps(model_costs(preset("tiny-pro"), N).to_dict())) | {
-        "model": "tiny"}
+    got = json.loads(r.output)
+    assert got == json.loads(json.dumps(model_costs(preset("tiny-pro"), N).to_dict())) | {"model": "tiny"}
+    assert got["weight_params_source"] == "config" and got["weight_params"] == got["active_params"]["total"]
+
+
+@pytest.mark.parametrize("name", ["v4-flash", "v4-pro"])
+def test_cli_v4_config_file_same_as_preset(tmp_path, name):
+    """--config with the published config.json gives the same figures as --preset."""
+    path = tmp_path / f"DeepSeek-{name}" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(preset(name).to_hf_dict()))
+    by_file = json.loads(run("--config", str(path), "--json").output)
+    by_preset = json.loads(run("--preset", name, "--json").output)
+    assert by_file["weight_params_source"] == "published"
+    assert by_file == by_preset | {"model": f"DeepSeek-{name}"}
 
 
 @pytest.mark.parametrize("args,needle", [
