@@ -136,6 +136,8 @@ class ModelConfig:
             if self.rope_dim >= self.index_head_dim:
                 raise bad("index_head_dim", self.index_head_dim,
                           f"must exceed qk_rope_head_dim={self.rope_dim} (RoPE acts on its last dims)")
+        if self.norm_topk_prob is not True:
+            raise bad("norm_topk_prob", self.norm_topk_prob, "V4 normalizes the top-k routing weights")
         if self.ffn_type not in FFN_TYPES:
             raise bad("ffn_type", self.ffn_type, f"must be one of {FFN_TYPES}")
         if self.ffn_type == "moe":
@@ -252,6 +254,12 @@ _IGNORED_KEYS = {
     "qk_nope_head_dim", "v_head_dim", "compress_rates", "compress_rate_csa", "compress_rate_hca",
     "partial_rotary_factor", "mlp_layer_types", "layer_types", "rope_parameters", "rope_scaling",
     "name_or_path", "_name_or_path", "tie_word_embeddings", "index_n_heads", "rope_type",
+    # transformers' PreTrainedConfig bookkeeping (present in DeepseekV4Config.to_dict())
+    "output_hidden_states", "output_attentions", "return_dict", "id2label", "label2id",
+    "problem_type", "is_encoder_decoder", "chunk_size_feed_forward", "tokenizer_class",
+    "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "finetuning_task", "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder",
+    "architectures", "num_labels",
 }
 
 

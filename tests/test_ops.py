@@ -169,3 +169,40 @@ def test_compressor_streaming_matches_one_shot(ratio, length, cuts, seed):
     if length >= ratio:
         assert one[0, length // ratio - 1].abs().sum() > 0  # the last complete block was pooled
     assert one[0, length // ratio:].abs().sum() == 0  # partial blocks are never pooled
+
+
+# ----------------------------------------------------------------------------- quantization simulation
+from exporter.quant import fake_quant_fp4, fake_quant_fp8, hadamard, pow2_scale, round_e2m1  # noqa: E402
+
+
+@SETTINGS
+@given(rows=st.integers(1, 4), blocks=st.integers(1, 3), seed=st.integers(0, 2**16),
+       magnitude=st.sampled_from([1e-6, 1e-3, 1.0, 300.0, 1e5]))
+def test_fp8_fake_quant_is_blockwise_e4m3_with_pow2_scales(rows, blocks, seed, magnitude):
+    x = torch.randn(rows, 64 * blocks, generator=seeded(seed)) * magnitude
+    y = fake_quant_fp8(x)
+    xb, yb = x.view(rows, blocks, 64), y.view(rows, blocks, 64)
+    scale = pow2_scale(xb.abs().amax(-1, keepdim=True), 448.0)
+    assert torch.equal(torch.log2(scale), torch.log2(scale).round())  # powers of two (ue8m0)
+    q = yb / scale
+    assert q.abs().max() <= 448
+    assert torch.equal(q, q.to(torch.float8_e4m3fn).float())  # every value is an e4m3 code
+    assert torch.allclose(yb, xb, rtol=2 ** -3, atol=float(scale.max()) * 2 ** -9)
+    assert torch.equal(fake_quant_fp8(y), y)  # idempotent
+
+
+def test_fp4_rounding_grid_and_ties_to_even():
+    x = torch.tensor([0.0, 0.2, 0.25, 0.26, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 5.5, -0.75, -5.0, 6.0])
+    assert round_e2m1(x).tolist() == [0, 0, 0, 0.5, 1, 1, 2, 2, 4, 4, 6, -1, -4, 6]
+    y = fake_quant_fp4(torch.randn(3, 64, generator=seeded(0)) * 10)
+    scale = pow2_scale(y.view(3, 2, 32).abs().amax(-1, keepdim=True), 6.0)
+    codes = (y.view(3, 2, 32) / scale).abs().unique().tolist()
+    assert set(codes) <= {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0}
+
+
+def test_hadamard_is_orthonormal_and_symmetric():
+    x = torch.randn(5, 128, generator=seeded(1), dtype=torch.float64)
+    h = hadamard(torch.eye(128, dtype=torch.float64))
+    assert torch.allclose(h @ h.T, torch.eye(128, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(h, h.T)
+    assert torch.allclose(hadamard(x) @ hadamard(x).T, x @ x.T, atol=1e-9)  # dot products kept
