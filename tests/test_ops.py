@@ -156,7 +156,7 @@ def test_compressor_streaming_matches_one_shot(ratio, length, cuts, seed):
         out = torch.zeros(1, length // ratio + 1, 16)
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
-                comp(x[:, a:b], torch.tensor([a]), state, out, rot, quant_sim=False)
+                state, out = comp(x[:, a:b], torch.tensor([a]), state, out, rot, quant_sim=False)
         return out, state
 
     one, state1 = run([0, length])
