@@ -19,6 +19,51 @@ import torch
 from .config import CSA, WINDOW, ModelConfig
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """One cache tensor as every backend sees it. dims: ints, or names of dynamic dims."""
+
+    name: str
+    dims: tuple[int | str, ...]
+    dtype: str  # "float32" | "float16" | "bfloat16" | "int64"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dims": list(self.dims), "dtype": self.dtype}
+
+
+# Dynamic dims: the batch, and the entry capacity of CSA / HCA layers (>= complete blocks so far).
+BATCH, CSA_ENTRIES, HCA_ENTRIES = "batch", "csa_entries", "hca_entries"
+
+
+def cache_layout(config: ModelConfig, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
+    """The cache as a flat, ordered list of tensors: the one description every backend uses.
+
+    Per layer i: window ring (kv, absolute positions); for compressed layers the entries and the
+    fp32 compressor tail state (kv, score); for CSA also the indexer keys and their compressor
+    state. Last: `pos`, each sequence's next position.
+    """
+    kv = str(dtype).removeprefix("torch.")
+    d, w = config.head_dim, config.window
+    specs = []
+    for i, ratio in enumerate(config.compress_ratios):
+        p = f"layer{i}."
+        specs += [TensorSpec(p + "window_kv", (BATCH, w, d), kv), TensorSpec(p + "window_pos", (BATCH, w), "int64")]
+        if ratio == WINDOW:
+            continue
+        cap = CSA_ENTRIES if ratio == CSA else HCA_ENTRIES
+        c = 2 if ratio == CSA else 1
+        specs += [TensorSpec(p + "entries", (BATCH, cap, d), kv),
+                  TensorSpec(p + "compressor.kv", (BATCH, c * ratio, c * d), "float32"),
+                  TensorSpec(p + "compressor.score", (BATCH, c * ratio, c * d), "float32")]
+        if ratio == CSA:
+            di = config.index_head_dim
+            specs += [TensorSpec(p + "index_keys", (BATCH, cap, di), kv),
+                      TensorSpec(p + "index_compressor.kv", (BATCH, 2 * ratio, 2 * di), "float32"),
+                      TensorSpec(p + "index_compressor.score", (BATCH, 2 * ratio, 2 * di), "float32")]
+    specs.append(TensorSpec("pos", (BATCH,), "int64"))
+    return specs
+
+
 @dataclass
 class CompressorState:
     """fp32 projections of the tokens of the unfinished block, `score` with `ape` already added.
@@ -119,6 +164,35 @@ class Cache:
                 entries=stack("entries"), index_keys=stack("index_keys"),
                 compressor=_cat_state([l.compressor for l in per_seq]),
                 index_compressor=_cat_state([l.index_compressor for l in per_seq])))
+        return out
+
+    def to_tensors(self) -> list[torch.Tensor]:
+        """The cache in `cache_layout` order."""
+        out = []
+        for layer in self.layers:
+            out += [layer.window_kv, layer.window_pos]
+            if layer.ratio != WINDOW:
+                out += [layer.entries, layer.compressor.kv, layer.compressor.score]
+            if layer.ratio == CSA:
+                out += [layer.index_keys, layer.index_compressor.kv, layer.index_compressor.score]
+        return out + [self.pos]
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, tensors: list[torch.Tensor]) -> "Cache":
+        """Inverse of to_tensors (no copies)."""
+        it = iter(tensors)
+        out = cls.__new__(cls)
+        out.config, out.layers = config, []
+        for ratio in config.compress_ratios:
+            layer = LayerCache(ratio=ratio, window_kv=next(it), window_pos=next(it))
+            if ratio != WINDOW:
+                layer.entries, layer.compressor = next(it), CompressorState(next(it), next(it))
+            if ratio == CSA:
+                layer.index_keys, layer.index_compressor = next(it), CompressorState(next(it), next(it))
+            out.layers.append(layer)
+        out.pos = next(it)
+        if next(it, None) is not None:
+            raise ValueError("Cache.from_tensors: more tensors than the layout has")
         return out
 
     @property

@@ -293,10 +293,17 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, input_ids.reshape(-1))
         out = torch.zeros_like(flat, dtype=torch.float32)
-        for e in idx.unique().tolist():  # only the experts some token picked
-            tok, slot = torch.where(idx == e)
-            y = self.experts[e](flat[tok]).float() * weights[tok, slot, None]
-            out.index_add_(0, tok, y)
+        if torch.compiler.is_exporting():
+            # A graph cannot branch on routing: run every expert on every token, weighted by a
+            # dense routing matrix that is zero where the token did not pick the expert.
+            dense = torch.zeros(flat.shape[0], len(self.experts), device=x.device).scatter(1, idx, weights)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(flat).float() * dense[:, e:e + 1]
+        else:
+            for e in idx.unique().tolist():  # only the experts some token picked
+                tok, slot = torch.where(idx == e)
+                y = self.experts[e](flat[tok]).float() * weights[tok, slot, None]
+                out.index_add_(0, tok, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat).float()
         return out.to(x.dtype).view(shape)
@@ -399,28 +406,37 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int) -> Cache:
         return Cache(self.config, batch, dtype=self.dtype, device=self.embed.weight.device)
 
-    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        b, s = input_ids.shape
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
+                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """layer_outputs, when given, receives each layer's output streams [B, S, hc, d]."""
         if cache is None:
-            cache = self.new_cache(b)
-        elif cache.batch != b:
-            raise ValueError(f"cache holds {cache.batch} sequences but input_ids has batch {b}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+            cache = self.new_cache(input_ids.shape[0])
+        if not torch.compiler.is_exporting():
+            self._check_inputs(input_ids, cache)
+        s = input_ids.shape[1]
         q_pos = cache.pos.unsqueeze(1) + torch.arange(s, device=input_ids.device)
-        if int(q_pos.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(q_pos.max())} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
         h = self.embed(input_ids)
         streams = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         for block, layer in zip(self.layers, cache.layers):
             streams = block(streams, input_ids, q_pos, layer, self.quant_sim)
-        cache.pos += s
+            if layer_outputs is not None:
+                layer_outputs.append(streams)
+        cache.pos = cache.pos + s
         h = self.norm(self.collapse_streams(streams))
         return linear(h, self.head.weight).float()
+
+    def _check_inputs(self, input_ids: torch.Tensor, cache: Cache) -> None:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if cache.batch != input_ids.shape[0]:
+            raise ValueError(f"cache holds {cache.batch} sequences but input_ids has batch {input_ids.shape[0]}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}), got "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        last = int(cache.pos.max()) + input_ids.shape[1] - 1
+        if last >= self.config.max_position_embeddings:
+            raise ValueError(f"position {last} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
 
     # -- parameters --------------------------------------------------------------------------
     def reset_buffers(self) -> None:

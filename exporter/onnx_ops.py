@@ -267,15 +267,17 @@ def _fake_quant(b: _Body, x: str, block: int, fmt: str) -> str:
     qmax = {"fp8": 448.0, "fp4": 6.0}[fmt]
     xb = b.op("Reshape", x, b.op("Concat", b.op("Shape", x, end=-1), b.ints(-1, block), axis=0))
     scale = _pow2_scale(b, b.op("ReduceMax", b.op("Abs", xb), b.ints(-1), keepdims=1), qmax)
-    # Division is exact (power-of-two scale). Max/Min rather than Clip: ORT's ClipQuantFusion
-    # crashes on a Clip that feeds a float8 QuantizeLinear (onnxruntime 1.32).
-    v = b.op("Min", b.op("Max", b.op("Div", xb, scale), b.f0(-qmax)), b.f0(qmax))
+    v = b.op("Div", xb, scale)  # exact: the scale is a power of two
     if fmt == "fp8":
+        # No explicit clamp to +-448: |v| <= 448 by construction and QuantizeLinear saturates,
+        # which equals torch's clamp-then-round. (A Clip, or a Max/Min pair that onnxscript's
+        # optimizer turns into a Clip, feeding a float8 QuantizeLinear crashes ONNX Runtime 1.32's
+        # ClipQuantFusion: "Unexpected data type for QuantizeLinear input y_zero_point of 17".)
         one = b.f0(1.0)
         zero = b.op("Constant", value=helper.make_tensor(b.name("zp"), TensorProto.FLOAT8E4M3FN, [], [0.0]))
         q = b.op("DequantizeLinear", b.op("QuantizeLinear", v, one, zero, saturate=1), one)
     else:
-        q = _round_e2m1(b, v)
+        q = _round_e2m1(b, b.op("Clip", v, b.f0(-qmax), b.f0(qmax)))
     return b.op("Reshape", b.op("Mul", q, scale), b.op("Shape", x))
 
 

@@ -222,6 +222,42 @@ def test_fp8_and_fp4_functions_hit_quantization_edges():
         assert_matches("GatedCompress", run_ort(model, x)[0], want)
 
 
+def test_pow2_scale_is_the_exact_smallest_power_of_two():
+    """ONNX scale = smallest power of two >= max(amax, 1e-4) / qmax. torch's exp2(ceil(log2(.)))
+    agrees except within a few ulps ABOVE a power of two, where its fp32 log2 rounds down."""
+    b = onnx_ops._Body("t")
+    b.nodes.append(helper.make_node("Identity", [onnx_ops._pow2_scale(b, "amax", 6.0)], ["s"]))
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("amax", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [None])])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+                                .SerializeToString(), providers=["CPUExecutionProvider"])
+    powers = (6.0 * 2.0 ** np.arange(-20, 40)).astype(np.float32)
+    amax = np.concatenate([powers, np.nextafter(powers, np.float32(0)), np.nextafter(powers, np.float32(np.inf)),
+                           np.float32(np.random.RandomState(0).lognormal(0, 8, 5000)), np.float32([0, 1e-9])])
+    got = sess.run(None, {"amax": amax})[0]
+    y = np.maximum(amax, np.float32(1e-4)) / np.float32(6.0)
+    mant, exp = np.frexp(y)
+    exact = np.ldexp(np.float32(1), exp - (mant == 0.5)).astype(np.float32)
+    np.testing.assert_array_equal(got, exact)
+    from exporter.quant import pow2_scale
+
+    torch_s = pow2_scale(torch.from_numpy(amax), 6.0).numpy()
+    above = np.isin(amax, np.nextafter(powers, np.float32(np.inf)))
+    np.testing.assert_array_equal(got[~above], torch_s[~above])
+
+
+def test_half_precision_inputs_in_onnxruntime():
+    x = {k: v.half() if v.is_floating_point() else v for k, v in attention_inputs(7).items()}
+    want = call("HybridSparseAttention", x, window=4, scale=0.25)
+    model = onnx_ops.attach_functions(single_node_model("HybridSparseAttention", x, dict(window=4, scale=0.25), 4))
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    got = run_ort(model, x)[0]
+    assert got.dtype == np.float16 and np.abs(got.astype(np.float32) - want.float().numpy()).max() <= 2e-3
+    c = {k: v.half() for k, v in compress_inputs(7, overlap=False).items()}
+    model = onnx_ops.attach_functions(single_node_model("GatedCompress", c, dict(eps=1e-6, quant=1), 3))
+    assert_matches("GatedCompress", run_ort(model, c)[0], call("GatedCompress", c, eps=1e-6, quant=1))
+
+
 def test_every_function_passes_the_checker_alone():
     for op_type, proto in onnx_ops.function_protos().items():
         assert proto.domain == "hatrt" and proto.name == op_type
@@ -338,6 +374,22 @@ def test_export_structure(exported):
     assert onnx_ops.check_hatrt_nodes(twin, require_functions=False) == []
     onnx.checker.check_model(twin)
     assert len(onnx.load(str(path)).functions) == len(set(types))  # stripping left the original alone
+
+
+def test_inlined_export_still_runs(exported):
+    """What ONNXProgram.optimize() or any inliner makes of the file (functions expanded into the
+    graph) must still load in ONNX Runtime and compute the same: guards ORT's Q/DQ fusions."""
+    model, path, _ = exported
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(onnx.load(str(path)))
+    assert not onnx_ops.hatrt_nodes(inlined) and not inlined.functions
+    x = demo_inputs(4, batch=2, seq=4, blocks=3, window_len=6, start=9)
+    got = run_ort(inlined, x)
+    with torch.no_grad():
+        want = model(**x)
+    for g_, w_ in zip(got, want):
+        assert np.abs(g_.astype(np.float64) - w_.numpy()).max() <= ATOL
 
 
 @pytest.mark.parametrize("shape", [
