@@ -1,7 +1,8 @@
 """The `hatrt` command line: one click group; each command stays thin and calls library code.
 
-Commands: `inspect` (KV-cache and FLOP accounting, exporter/costs.py). Others (export, check,
-generate) are added to the `main` group.
+Commands: `inspect` (KV-cache and FLOP accounting, exporter/costs.py), `generate` (token
+generation with any backend, engines/generate.py). Others (export, check) are added to the
+`main` group.
 """
 
 from __future__ import annotations
@@ -93,6 +94,105 @@ def inspect(preset_name: str | None, config_path: str | None, context: int, inde
         click.echo(json.dumps(costs.to_dict(), indent=2))
     else:
         click.echo(format_report(costs))
+
+
+class TokenIds(click.ParamType):
+    """A prompt as token ids: "1 2 3" or "1,2,3" (non-negative integers; checked against the vocab later)."""
+
+    name = "IDS"
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        parts = [p for p in re.split(r"[\s,]+", str(value).strip()) if p]
+        if not parts:
+            self.fail(f"{value!r}: a prompt needs at least one token id (e.g. \"1 2 3\")", param, ctx)
+        ids = []
+        for p in parts:
+            if not re.fullmatch(r"\d+", p):
+                self.fail(f"{value!r}: {p!r} is not a token id (non-negative integer)", param, ctx)
+            ids.append(int(p))
+        return ids
+
+
+@main.command()
+@click.argument("source", metavar="SOURCE")
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="torch: the reference model (SOURCE a preset, checkpoint or export directory); "
+                   "onnxruntime: the exported graphs (SOURCE an export directory).")
+@click.option("--prompt-ids", "prompts", type=TokenIds(), multiple=True, required=True,
+              help='A prompt as token ids, "1 2 3". Repeat for a batch.')
+@click.option("--max-new-tokens", "-n", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens to generate per prompt at most.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Sampling temperature; 0 is greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Sample among the k most likely tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Nucleus sampling: the most likely tokens holding probability p.")
+@click.option("--stop", "stop_tokens", type=click.IntRange(min=0), multiple=True, metavar="ID",
+              help="A token id that ends a sequence (kept in the output). Repeatable.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="torch backend: weight dtype (default float32, or the export's dtype).")
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON (tokens, finish reasons).")
+def generate(source: str, backend: str, prompts: tuple[list[int], ...], max_new_tokens: int, temperature: float,
+             top_k: int, top_p: float, stop_tokens: tuple[int, ...], seed: int | None, dtype: str | None,
+             stream: bool, as_json: bool) -> None:
+    """Generate token ids from SOURCE: a preset name, a checkpoint directory or an export directory.
+
+    Prints one line of generated ids per prompt. With --stream, ids are printed as they come: on
+    one line for a single prompt, as "ROW ID" lines for a batch (ROW counts prompts from 0)."""
+    from engines.backends import BackendError, load_backend
+    from engines.generate import generate as run_generate
+
+    if stream and as_json:
+        raise click.UsageError("give either --stream or --json, not both")
+    if backend == "onnxruntime" and dtype is not None:
+        raise click.BadParameter("the onnxruntime backend runs the export's dtype; drop --dtype",
+                                 param_hint="'--dtype'")
+    try:
+        runtime = load_backend(source, backend, dtype=dtype)
+    except BackendError as e:
+        raise click.BadParameter(str(e), param_hint="SOURCE") from None
+    vocab = runtime.config.vocab_size
+    for r, ids in enumerate(prompts):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise click.BadParameter(f"prompt {r}: token ids {bad[:8]} are >= the vocabulary size {vocab}",
+                                     param_hint="'--prompt-ids'")
+    bad_stops = [t for t in stop_tokens if t >= vocab]
+    if bad_stops:
+        raise click.BadParameter(f"{bad_stops} >= the vocabulary size {vocab}", param_hint="'--stop'")
+
+    single = len(prompts) == 1
+    started = False
+
+    def on_token(row: int, token: int) -> None:
+        nonlocal started
+        if single:
+            click.echo(f"{' ' if started else ''}{token}", nl=False)
+        else:
+            click.echo(f"{row} {token}")
+        started = True
+
+    try:
+        results = run_generate(runtime, list(prompts), max_new_tokens=max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
+                               on_token=on_token if stream else None)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if stream:
+        if single:
+            click.echo()
+    elif as_json:
+        click.echo(json.dumps({"backend": runtime.name, "results": [
+            {"tokens": r.tokens, "finish_reason": r.finish_reason, "prompt_length": r.prompt_length}
+            for r in results]}, indent=2))
+    else:
+        for r in results:
+            click.echo(" ".join(map(str, r.tokens)))
 
 
 if __name__ == "__main__":

@@ -131,3 +131,11 @@ OPS = {
     "HybridSparseAttention": torch.ops.hatrt.HybridSparseAttention.default,
 }
 """ONNX op_type -> torch OpOverload, for every op of the domain."""
+
+
+class AS_OPS:  # noqa: N801 - a namespace with exporter.ops' calling conventions
+    """Drop-in for the `exporter.ops` module while exporting (see model.attention_ops)."""
+
+    compress_blocks = staticmethod(compress)
+    indexer_topk = staticmethod(indexer_topk)
+    sparse_attention = staticmethod(hybrid_sparse_attention)

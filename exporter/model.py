@@ -27,6 +27,17 @@ from .quant import fake_quant_fp4, fake_quant_fp8, hadamard
 from .rope import Rotary, apply_rope
 
 
+def attention_ops():
+    """The three attention operations: the plain functions of exporter.ops in eager mode, the
+    `hatrt` custom ops while exporting (each becomes one ONNX node; its eager kernel is the same
+    function, so the math is shared)."""
+    if torch.compiler.is_exporting():
+        from . import custom_ops
+
+        return custom_ops.AS_OPS
+    return ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -106,7 +117,7 @@ class Compressor(nn.Module):
         prev_score = state.score[:, :m, :d] if self.overlap else None
         # Incomplete blocks are pooled too and then dropped; finite scores keep them NaN-free.
         pool_score = torch.where(complete[..., None, None], seq_score, 0.0)
-        pooled = ops.compress_blocks(seq_kv, pool_score, prev_kv, prev_score, self.norm.weight, cos, sin,
+        pooled = attention_ops().compress_blocks(seq_kv, pool_score, prev_kv, prev_score, self.norm.weight, cos, sin,
                                      eps=self.norm.eps, quant=self.quant if quant_sim else None)
         entries = scatter_rows(entries, block_id, pooled, complete)
 
@@ -155,7 +166,7 @@ class Indexer(nn.Module):
         if quant_sim:
             q = fake_quant_fp4(hadamard(q))
         w = linear(x, self.weights_proj.weight).float() * self.weight_scale
-        return ops.indexer_topk(q, w, layer.index_keys, q_pos, ratio=CSA, topk=self.topk,
+        return attention_ops().indexer_topk(q, w, layer.index_keys, q_pos, ratio=CSA, topk=self.topk,
                                 bf16_scores=quant_sim)
 
 
@@ -208,7 +219,7 @@ class Attention(nn.Module):
             else:
                 entry_idx = ops.causal_entry_indices(q_pos, entries.shape[1], self.ratio)
 
-        o = ops.sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_idx, self.attn_sink,
+        o = attention_ops().sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_idx, self.attn_sink,
                                  window=c.window, scale=self.scale)
         self._update_window(layer, kv, q_pos)
         o = apply_rope(o, hcos, hsin, inverse=True)

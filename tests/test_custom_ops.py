@@ -15,6 +15,8 @@ from onnx import TensorProto, helper  # noqa: E402
 from exporter import custom_ops, onnx_ops, ops  # noqa: E402
 
 ATOL = 1e-5
+# torch.export names each Dim once; the warnings about reused axis names are noise here.
+pytestmark = pytest.mark.filterwarnings("ignore:# The axis name")
 OP_NAMES = sorted(custom_ops.OPS)
 
 
@@ -29,7 +31,8 @@ def compress_inputs(seed, *, batch=2, blocks=3, m=4, dim=128, rope_pairs=32, ove
     kv = torch.randn(batch, blocks, m, width, generator=g)
     score = torch.randn(batch, blocks, m, width, generator=g) * 2
     x = dict(kv=kv, score=score, norm_weight=torch.randn(dim, generator=g),
-             cos=torch.randn(batch, blocks, rope_pairs, generator=g), sin=torch.randn(batch, blocks, rope_pairs, generator=g))
+             cos=torch.randn(batch, blocks, rope_pairs, generator=g),
+             sin=torch.randn(batch, blocks, rope_pairs, generator=g))
     if overlap:
         x["prev_kv"] = torch.zeros(batch, m, dim) if no_prev else torch.randn(batch, m, dim, generator=g)
         x["prev_score"] = torch.full((batch, m, dim), -math.inf) if no_prev else torch.randn(batch, m, dim, generator=g)
@@ -141,7 +144,8 @@ def test_reduced_precision_inputs_keep_contract_dtypes():
     out = call("HybridSparseAttention", x, window=4, scale=0.25)
     assert out.dtype == torch.bfloat16
     torch.library.opcheck(custom_ops.OPS["HybridSparseAttention"],
-                          tuple(x[n] for n in onnx_ops.SIGNATURES["HybridSparseAttention"][0]), dict(window=4, scale=0.25))
+                          tuple(x[n] for n in onnx_ops.SIGNATURES["HybridSparseAttention"][0]),
+                          dict(window=4, scale=0.25))
     c = {k: v.half() for k, v in compress_inputs(3, overlap=False).items()}
     assert call("GatedCompress", c, eps=1e-6, quant=0).dtype == torch.float32  # compress_blocks returns fp32
 
@@ -181,13 +185,35 @@ def run_ort(model, feeds):
     return sess.run(None, {k: v.numpy() for k, v in feeds.items()})
 
 
-def assert_matches(op_type, got, want):
+def assert_fake_quant_close(got, want, quant):
+    """Within ATOL, except for rare rounding flips of fake-quantized values.
+
+    Quantization turns an ulp-level difference before rounding (summation order in ReduceMean /
+    ReduceSum, exp in Softmax) that straddles a rounding boundary into one FP8/FP4 step (or, for a
+    block amax straddling a power of two, a different scale for that block). Allow that in at most
+    one vector (or 5% of them), and only by one step: FP8 steps are <= 1/8 of the value, FP4 steps
+    <= 2 * scale <= 2/3 of the block maximum.
+    """
+    assert got.shape == want.shape and got.dtype == want.dtype
+    diff = np.abs(got.astype(np.float64) - want)
+    if quant == 0:
+        assert diff.max() <= ATOL
+        return
+    flipped = (diff > ATOL).any(-1)
+    assert flipped.sum() <= max(1, flipped.size // 20)
+    size = np.maximum(np.abs(got), np.abs(want))
+    step = 0.125 * size + size.max(-1, keepdims=True) * 2.0 ** -12 if quant == 1 else \
+        size.max(-1, keepdims=True) * 0.67
+    assert (diff <= np.maximum(step, ATOL)).all()
+
+
+def assert_matches(op_type, got, want, quant=0):
     want = want.numpy()
     assert got.shape == want.shape and got.dtype == want.dtype
     if op_type == "IndexerTopK":
         np.testing.assert_array_equal(got, want)  # exact, rank order and tie rule included
     else:
-        assert np.abs(got - want).max() <= ATOL
+        assert_fake_quant_close(got, want, quant)
 
 
 @pytest.mark.parametrize("op_type,kw,attrs", CASES, ids=CASE_IDS)
@@ -198,7 +224,7 @@ def test_function_matches_eager_in_onnxruntime(op_type, kw, attrs):
     model = onnx_ops.attach_functions(single_node_model(op_type, x, onnx_attrs, want.dim()))
     onnx.checker.check_model(model, full_check=True)
     assert onnx_ops.check_hatrt_nodes(model) == []
-    assert_matches(op_type, run_ort(model, x)[0], want)
+    assert_matches(op_type, run_ort(model, x)[0], want, attrs.get("quant", 0))
 
 
 def test_function_attribute_defaults():
@@ -219,7 +245,7 @@ def test_fp8_and_fp4_functions_hit_quantization_edges():
     for quant in (1, 2):
         want = call("GatedCompress", x, eps=1e-6, quant=quant)
         model = onnx_ops.attach_functions(single_node_model("GatedCompress", x, dict(eps=1e-6, quant=quant), 3))
-        assert_matches("GatedCompress", run_ort(model, x)[0], want)
+        assert_matches("GatedCompress", run_ort(model, x)[0], want, quant)
 
 
 def test_pow2_scale_is_the_exact_smallest_power_of_two():
@@ -255,7 +281,23 @@ def test_half_precision_inputs_in_onnxruntime():
     assert got.dtype == np.float16 and np.abs(got.astype(np.float32) - want.float().numpy()).max() <= 2e-3
     c = {k: v.half() for k, v in compress_inputs(7, overlap=False).items()}
     model = onnx_ops.attach_functions(single_node_model("GatedCompress", c, dict(eps=1e-6, quant=1), 3))
-    assert_matches("GatedCompress", run_ort(model, c)[0], call("GatedCompress", c, eps=1e-6, quant=1))
+    assert_matches("GatedCompress", run_ort(model, c)[0], call("GatedCompress", c, eps=1e-6, quant=1), 1)
+
+
+@pytest.mark.parametrize("opset", [19, 21, 25])
+def test_functions_follow_the_model_opset(opset):
+    for op_type, kw, attrs in CASES[::4]:
+        x = make_inputs(op_type, kw, seed=9)
+        want = call(op_type, x, **attrs)
+        model = single_node_model(op_type, x, {k: int(v) if isinstance(v, bool) else v for k, v in attrs.items()},
+                                  want.dim())
+        model.opset_import[0].version = opset
+        onnx_ops.attach_functions(model)
+        assert {o.domain: o.version for o in model.functions[0].opset_import} == {"": opset}
+        onnx.checker.check_model(model, full_check=True)
+        assert_matches(op_type, run_ort(model, x)[0], want, attrs.get("quant", 0))
+    with pytest.raises(ValueError, match="opset"):
+        onnx_ops.function_proto("IndexerTopK", 18)
 
 
 def test_every_function_passes_the_checker_alone():
@@ -325,7 +367,8 @@ def demo_inputs(seed, batch, seq, blocks, window_len, start, zero_queries=False)
     if zero_queries:  # every indexer score exactly 0: full ties, broken by the lowest index
         iq[:, ::2] = 0
     return dict(kv=r(batch, blocks, M, 2 * DIM), score=r(batch, blocks, M, 2 * DIM), prev_kv=r(batch, M, DIM),
-                prev_score=r(batch, M, DIM), ikv=r(batch, blocks, M, 2 * IDX_DIM), iscore=r(batch, blocks, M, 2 * IDX_DIM),
+                prev_score=r(batch, M, DIM), ikv=r(batch, blocks, M, 2 * IDX_DIM),
+                iscore=r(batch, blocks, M, 2 * IDX_DIM),
                 iprev_kv=torch.zeros(batch, M, IDX_DIM), iprev_score=torch.full((batch, M, IDX_DIM), -math.inf),
                 block_pos=torch.arange(blocks).expand(batch, blocks).contiguous(), q=r(batch, seq, 3, DIM),
                 iq=iq, iw=r(batch, seq, 4), q_pos=q_pos, window_kv=r(batch, window_len, DIM), window_pos=window_pos)
@@ -363,7 +406,8 @@ def test_export_structure(exported):
     assert onnx_ops.check_hatrt_nodes(proto) == []  # plugin fields + a function per node
     assert {(f.domain, f.name) for f in proto.functions} == {("hatrt", t) for t in types}
     assert {o.domain: o.version for o in proto.opset_import}["hatrt"] == 1
-    attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in onnx_ops.hatrt_nodes(proto)}
+    attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+             for n in onnx_ops.hatrt_nodes(proto)}
     assert attrs["IndexerTopK"] == {"ratio": M, "topk": TOPK, "bf16_scores": 1, "plugin_namespace": b"hatrt",
                                     "plugin_version": b"1"}
     assert attrs["HybridSparseAttention"]["window"] == WINDOW
@@ -385,11 +429,31 @@ def test_inlined_export_still_runs(exported):
     inlined = onnx.inliner.inline_local_functions(onnx.load(str(path)))
     assert not onnx_ops.hatrt_nodes(inlined) and not inlined.functions
     x = demo_inputs(4, batch=2, seq=4, blocks=3, window_len=6, start=9)
-    got = run_ort(inlined, x)
+    check_demo_outputs(model, x, run_ort(inlined, x))
+
+
+def check_demo_outputs(model, x, got):
+    """Every stage against eager: the compressors on the same inputs, the indexer and the attention
+    on ONNX Runtime's own upstream results (so that a rare fake-quant rounding flip upstream
+    cannot cascade), and the whole chain end to end whenever no flip happened."""
+    out, idx, entries, keys, hca = got
     with torch.no_grad():
         want = model(**x)
-    for g_, w_ in zip(got, want):
-        assert np.abs(g_.astype(np.float64) - w_.numpy()).max() <= ATOL
+    assert_fake_quant_close(entries, want[2].numpy(), custom_ops.QUANT_FP8)
+    assert_fake_quant_close(keys, want[3].numpy(), custom_ops.QUANT_FP4)
+    assert_fake_quant_close(hca, want[4].numpy(), custom_ops.QUANT_NONE)
+    stage_idx = torch.ops.hatrt.IndexerTopK(x["iq"], x["iw"], torch.from_numpy(keys), x["q_pos"], ratio=M, topk=TOPK,
+                                            bf16_scores=True)
+    np.testing.assert_array_equal(idx, stage_idx.numpy())
+    with torch.no_grad():
+        stage_out = 2.0 * torch.ops.hatrt.HybridSparseAttention(
+            x["q"], x["q_pos"], x["window_kv"], x["window_pos"], torch.from_numpy(entries), torch.from_numpy(idx),
+            model.sink, window=WINDOW, scale=DIM ** -0.5)
+    assert out.dtype == np.float32 and np.abs(out - stage_out.numpy()).max() <= ATOL
+    if np.array_equal(keys, want[3].numpy()) and np.abs(entries - want[2].numpy()).max() <= ATOL:
+        np.testing.assert_array_equal(idx, want[1].numpy())
+        assert np.abs(out - want[0].numpy()).max() <= ATOL
+    return want
 
 
 @pytest.mark.parametrize("shape", [
@@ -400,17 +464,9 @@ def test_inlined_export_still_runs(exported):
 def test_export_runs_in_onnxruntime(exported, shape):
     model, path, _ = exported
     x = demo_inputs(**shape)
-    with torch.no_grad():
-        want = model(**x)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {i.name: x[i.name].numpy() for i in sess.get_inputs()})
-    for g_, w_ in zip(got, want):
-        w_ = w_.numpy()
-        assert g_.shape == w_.shape and g_.dtype == w_.dtype
-        if w_.dtype == np.int64:
-            np.testing.assert_array_equal(g_, w_)
-        else:
-            assert np.abs(g_ - w_).max() <= ATOL
+    want = check_demo_outputs(model, x, got)
     idx = want[1]
     if shape["start"] == 0:
         assert (idx == -1).all()
