@@ -61,6 +61,12 @@ def load_model_config(preset_name: str | None, config_path: str | None) -> Model
         raise click.BadParameter(str(e), param_hint=hint) from None
 
 
+class BadInput(click.ClickException):
+    """Bad input named in the message (a missing file, an unsupported value): exit code 2."""
+
+    exit_code = 2
+
+
 def model_options(f):
     """--preset / --config, shared by every command that needs a model configuration."""
     f = click.option("--config", "config_path", metavar="PATH",
@@ -94,6 +100,44 @@ def inspect(preset_name: str | None, config_path: str | None, context: int, inde
         click.echo(json.dumps(costs.to_dict(), indent=2))
     else:
         click.echo(format_report(costs))
+
+
+@main.command("export")
+@click.argument("source", metavar="CHECKPOINT")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory to write prefill.onnx, decode.onnx, their .trt.onnx twins and manifest.json.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Weight and activation dtype of the graphs (bfloat16 is refused: "
+                                      "ONNX Runtime cannot run it).")
+@click.option("--opset", type=int, default=23, show_default=True, help="ONNX opset (hatrt writes 23).")
+@click.option("--quant-sim", is_flag=True, help="Bake the FP8/FP4 quantization simulation into the graphs.")
+@click.option("--per-layer", is_flag=True, help="Also output every layer's streams (for `hatrt check`).")
+@click.option("--optimize", is_flag=True, help="Run onnxscript's graph optimizer (slower export).")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Processes for the two graphs (default 2 on 2+ cores; 1 for very large checkpoints).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+def export_cmd(source: str, out_dir: str, dtype: str, opset: int, quant_sim: bool, per_layer: bool,
+               optimize: bool, jobs: int | None, force: bool) -> None:
+    """Export CHECKPOINT (a checkpoint directory or a preset name) to ONNX with hatrt custom ops."""
+    import time
+
+    from exporter.checkpoint import CheckpointError
+    from exporter.config import ConfigError
+    from exporter.export import ExportError, export_model
+
+    start = time.monotonic()
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.monotonic() - start:6.1f}s] {msg}", err=True)
+
+    try:
+        result = export_model(source, out_dir, dtype=dtype, opset=opset, quant_sim=quant_sim, per_layer=per_layer,
+                              optimize=optimize, jobs=jobs, overwrite=force, progress=progress)
+    except (ExportError, CheckpointError, ConfigError) as e:
+        raise BadInput(str(e)) from None
+    for name, info in result.manifest["graphs"].items():
+        click.echo(f"{name}: {result.out_dir / info['file']} (+ {info['trt_file']})")
+    click.echo(f"manifest: {result.out_dir / 'manifest.json'}")
 
 
 class TokenIds(click.ParamType):
@@ -193,6 +237,41 @@ def generate(source: str, backend: str, prompts: tuple[list[int], ...], max_new_
     else:
         for r in results:
             click.echo(" ".join(map(str, r.tokens)))
+
+
+@main.command("check")
+@click.argument("artifact_dir", metavar="DIR")
+@click.option("--steps", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Decode steps after each prompt.")
+@click.option("--prompt-ids", "prompts", type=TokenIds(), multiple=True,
+              help='A prompt as token ids, "1 2 3". Repeatable. Default: random prompts of 200 and 300 tokens.')
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random prompts.")
+@click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
+              help="Element-wise relative tolerance (default by precision: fp32 1e-5, fp16 1e-2).")
+@click.option("--atol", type=click.FloatRange(min=0.0), default=None,
+              help="Absolute tolerance relative to max|ref| per step (default: fp32 1e-5, fp16 1e-2).")
+@click.option("--json", "json_path", metavar="PATH", default=None, help="Also write the results as JSON to PATH.")
+def check_command(artifact_dir: str, steps: int, prompts: tuple[list[int], ...], seed: int, rtol: float | None,
+                  atol: float | None, json_path: str | None) -> None:
+    """Compare the export in DIR (ONNX Runtime) with the PyTorch reference, output by output.
+
+    Prefill on each prompt, then --steps decode steps, each side from its own cache, tokens chosen
+    greedily from the reference. Exit 0: all outputs within tolerance; 1: outside; 2: usage error."""
+    from engines.check import CheckError, format_report, write_json
+    from engines.check import check as run_check
+
+    try:
+        report = run_check(artifact_dir, steps=steps, prompts=list(prompts) or None, seed=seed, rtol=rtol,
+                           atol=atol, progress=lambda msg: click.echo(msg, err=True))
+    except CheckError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(format_report(report))
+    if json_path is not None:
+        try:
+            write_json(report, json_path)
+        except OSError as e:
+            raise click.BadParameter(f"cannot write {json_path}: {e.strerror or e}", param_hint="'--json'") from None
+    click.get_current_context().exit(0 if report.passed else 1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -188,6 +189,8 @@ def _export_graph(model: Transformer, graph: str, per_layer: bool, path: Path, t
 
     from . import onnx_ops
 
+    # torch.onnx warns once per missing torchvision op on every export: noise for hatrt users.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     wrapper = (PrefillGraph if graph == "prefill" else DecodeGraph)(model, per_layer=per_layer).eval()
     args = _trace_inputs(model, graph)
     with warnings.catch_warnings(), torch.no_grad():
@@ -211,6 +214,42 @@ def _export_graph(model: Transformer, graph: str, per_layer: bool, path: Path, t
     return {"file": path.name, "trt_file": trt_path.name, **_io_specs(proto)}
 
 
+def _export_in_worker(source, dtype: str, quant_sim: bool, graph: str, per_layer: bool, tmp: str,
+                      optimize: bool) -> tuple[str, dict]:
+    """One graph in a separate process (the exporter is single-threaded Python: two graphs in two
+    processes take half the wall time)."""
+    torch.set_num_threads(1)
+    model = load_model(source, dtype=DTYPES[dtype], quant_sim=quant_sim)
+    return graph, _export_graph(model, graph, per_layer, Path(tmp) / f"{graph}.onnx",
+                                Path(tmp) / f"{graph}.trt.onnx", optimize)
+
+
+def _export_graphs(source, model: Transformer, dtype: str, quant_sim: bool, per_layer: bool, tmp: Path,
+                   optimize: bool, jobs: int, progress) -> dict:
+    names = ("prefill", "decode")
+    if jobs > 1 and not isinstance(source, Transformer):
+        import concurrent.futures
+        import multiprocessing
+
+        _log(progress, f"exporting {' and '.join(names)} graphs in {min(jobs, 2)} processes")
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, 2), mp_context=ctx) as pool:
+            futures = [pool.submit(_export_in_worker, source, dtype, quant_sim, n, per_layer, str(tmp), optimize)
+                       for n in names]
+            graphs = {}
+            for done in concurrent.futures.as_completed(futures):
+                name, info = done.result()
+                graphs[name] = info
+                _log(progress, f"exported {name} graph")
+        return {n: graphs[n] for n in names}
+    graphs = {}
+    for name in names:
+        _log(progress, f"exporting {name} graph")
+        graphs[name] = _export_graph(model, name, per_layer, tmp / f"{name}.onnx", tmp / f"{name}.trt.onnx",
+                                     optimize)
+    return graphs
+
+
 def _tool_versions() -> dict:
     import onnx
 
@@ -231,12 +270,13 @@ def _tool_versions() -> dict:
 
 def export_model(source, out_dir: str | os.PathLike, *, dtype: str = "float32", opset: int = OPSET,
                  quant_sim: bool = False, per_layer: bool = False, overwrite: bool = False,
-                 optimize: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
+                 optimize: bool = False, jobs: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export `source` (a preset name, a checkpoint directory or a Transformer) into `out_dir`.
 
     optimize runs onnxscript's graph optimizer (constant folding, fewer nodes); ONNX Runtime and
     TensorRT optimize the graph again when they load it, so it is off by default (it doubles the
-    export time).
+    export time). jobs: processes for the two graphs (default: 2 when the machine has 2+ cores).
     """
     from . import custom_ops, onnx_ops
 
@@ -249,11 +289,8 @@ def export_model(source, out_dir: str | os.PathLike, *, dtype: str = "float32", 
             model = source.to(torch_dtype).eval()
         else:
             model = load_model(source, dtype=torch_dtype, quant_sim=quant_sim)
-        graphs = {}
-        for name in ("prefill", "decode"):
-            _log(progress, f"exporting {name} graph")
-            graphs[name] = _export_graph(model, name, per_layer, tmp / f"{name}.onnx", tmp / f"{name}.trt.onnx",
-                                         optimize)
+        jobs = jobs if jobs is not None else min(2, os.cpu_count() or 1)
+        graphs = _export_graphs(source, model, dtype, quant_sim, per_layer, tmp, optimize, jobs, progress)
         _log(progress, "writing manifest")
         for info in graphs.values():
             info["sha256"] = {f: _sha256(tmp / info[f]) for f in ("file", "trt_file")}

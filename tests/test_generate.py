@@ -405,12 +405,10 @@ def test_cli_generate_errors(args, message):
 
 # --------------------------------------------------------------------------- ONNX Runtime
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    export = pytest.importorskip("exporter.export")
-    out = tmp_path_factory.mktemp("export") / PRESET
-    export.export_model(PRESET, out, dtype="float32")
-    return out
+def exported(flash_export):
+    """The session's shared tiny-flash export (tests/conftest.py)."""
+    assert PRESET == "tiny-flash"
+    return flash_export
 
 
 @pytest.mark.slow

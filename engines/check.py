@@ -1,0 +1,590 @@
+"""`hatrt check`: compare an exported backend with the PyTorch reference, output by output.
+
+The export directory's manifest says which model was exported (preset or checkpoint, dtype,
+quantization simulation) and how the graphs are wired. The check rebuilds the reference from that
+source and drives both sides through Polygraphy runners:
+
+- backend: Polygraphy's `OnnxrtRunner` (ONNX Runtime, CPU) on prefill.onnx and decode.onnx
+  (TensorRT runners slot in here later);
+- reference: `TorchGraphRunner`, a small `BaseRunner` around exporter/graph.py's PrefillGraph /
+  DecodeGraph (Polygraphy's own PytRunner needs CUDA torch).
+
+Scenario, per prompt (batch 1): prefill, then `steps` decode steps. Each side decodes from ITS OWN
+cache, so errors accumulate as in real use; the next token is the argmax of the REFERENCE logits,
+so both sides see the same token stream. Entry capacities are grown before each step
+(`cache_ops.ensure_capacity`), identically on both sides.
+
+Verdict: `Comparator.compare_accuracy` with a `SimpleCompareFunc` (per-output tolerance dicts,
+element-wise). Float outputs are compared relative to their scale: both sides are divided by the
+largest finite |reference| value of that output in that step before Polygraphy compares them, so
+`atol` means "relative to max|ref|" (for logits: relative to the largest logit of the step) and
+`rtol` is the usual element-wise relative error. Integer outputs (positions) must match exactly.
+NaN never passes; matching infinities (empty compressor slots hold -inf) compare equal.
+
+Reported besides the verdict: max abs / max rel (to max|ref|) error per output, cosine similarity,
+top-1 and top-5 set agreement of the logits, and in per-layer exports the first layer whose
+streams leave the tolerance (the first step at which any layer fails, then its lowest layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+INPUT_IDS, LOGITS = "input_ids", "logits"
+CACHE_IN, CACHE_OUT = "cache.", "new_cache."
+BACKEND_NAME, REFERENCE_NAME = "onnxruntime", "torch"
+DEFAULT_PROMPT_LENGTHS = (200, 300)  # cross the CSA block (4), the window (128) and HCA blocks (128)
+DEFAULT_STEPS = 32
+TOP_K = 5
+# (rtol, atol) per precision; atol is relative to max|ref| of the output in that step (see above).
+DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (1e-2, 1e-2)}
+GROUPS = ("logits", "cache", "layers")
+
+
+class CheckError(ValueError):
+    """The check cannot run as asked (bad directory, manifest, prompt...); the message names it."""
+
+
+# ============================================================================ report
+@dataclass
+class OutputStats:
+    """One output over every compared step."""
+
+    name: str
+    group: str  # logits | cache | layers
+    rtol: float
+    atol: float
+    passed: bool = True
+    max_abs: float = 0.0  # max |backend - ref|
+    max_rel: float = 0.0  # max |backend - ref| / max|ref| of the same step
+    steps: int = 0  # compared steps
+    failed_steps: int = 0
+    first_failure: str | None = None  # the step label
+    nan: bool = False  # NaN (or a non-matching infinity) somewhere
+    shape_mismatch: bool = False
+
+
+@dataclass
+class LogitMetrics:
+    positions: int = 0
+    min_cosine: float = 1.0
+    top1_agreement: float = 1.0  # fraction of positions with the same argmax
+    top5_set_agreement: float = 1.0  # fraction of positions with the same set of 5 best tokens
+    top1_matches: int = 0
+    top5_matches: int = 0
+
+
+@dataclass
+class CheckReport:
+    passed: bool
+    artifact_dir: str
+    model: str
+    dtype: str
+    backend: str
+    reference: str
+    per_layer: bool
+    steps: int
+    prompt_lengths: list[int]
+    seed: int | None
+    rtol: float
+    atol: float
+    outputs: dict[str, OutputStats]
+    logits: LogitMetrics
+    first_diverging_layer: str | None = None  # "layer 2 (CSA)"
+    first_diverging_layer_index: int | None = None
+    first_diverging_step: str | None = None  # where that layer first failed
+    first_failure: str | None = None  # "logits at prompt 0 decode step 3"
+    failed_outputs: list[str] = field(default_factory=list)
+    layer_kinds: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    backend_seconds: float = 0.0
+    reference_seconds: float = 0.0
+
+    def group(self, name: str) -> list[OutputStats]:
+        return [s for s in self.outputs.values() if s.group == name]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["outputs"] = {k: _json_floats(asdict(v)) for k, v in self.outputs.items()}
+        d["logits"] = _json_floats(asdict(self.logits))
+        return d
+
+
+def _json_floats(d: dict) -> dict:
+    """NaN / inf are not JSON: write them as strings."""
+    return {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+# ============================================================================ runners
+def _polygraphy():
+    try:
+        from polygraphy.backend.base import BaseRunner
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.common import TensorMetadata
+        from polygraphy.comparator import Comparator, RunResults
+        from polygraphy.comparator.struct import IterationResult
+        from polygraphy.logger import G_LOGGER
+    except ImportError as e:
+        raise CheckError(f"hatrt check needs polygraphy (pip install polygraphy): {e}") from None
+    try:
+        from polygraphy.comparator.compare import SimpleCompareFunc as simple_compare
+    except ImportError:  # polygraphy < 0.53
+        from polygraphy.comparator import CompareFunc
+
+        simple_compare = CompareFunc.simple
+    return dict(BaseRunner=BaseRunner, OnnxrtRunner=OnnxrtRunner, SessionFromOnnx=SessionFromOnnx,
+                TensorMetadata=TensorMetadata, Comparator=Comparator, RunResults=RunResults,
+                IterationResult=IterationResult, G_LOGGER=G_LOGGER, simple_compare=simple_compare)
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_runner_class():
+    BaseRunner = _polygraphy()["BaseRunner"]
+
+    class TorchGraphRunner(BaseRunner):
+        """A Polygraphy runner around a torch module with flat tensor I/O (PrefillGraph /
+        DecodeGraph): numpy feed_dict in, OrderedDict of numpy outputs out, `inference_time` set."""
+
+        def __init__(self, module: torch.nn.Module, inputs: Sequence[dict], outputs: Sequence[str],
+                     name: str | None = None):
+            super().__init__(name=name, prefix="torch-runner")
+            self.module, self.inputs, self.outputs = module.eval(), list(inputs), list(outputs)
+
+        def get_input_metadata_impl(self):
+            meta = _polygraphy()["TensorMetadata"]()
+            for spec in self.inputs:
+                meta.add(spec["name"], np.dtype(spec["dtype"]),
+                         [d if isinstance(d, int) else None for d in spec["dims"]])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            # copies: the reference updates its cache in place, the caller keeps its arrays
+            args = [torch.from_numpy(np.array(feed_dict[s["name"]], copy=True)) for s in self.inputs]
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = self.module(*args)
+            self.inference_time = time.perf_counter() - start
+            if len(out) != len(self.outputs):
+                raise CheckError(f"{self.name}: the reference returned {len(out)} outputs, the manifest "
+                                 f"lists {len(self.outputs)}")
+            return OrderedDict((n, t.detach().cpu().numpy()) for n, t in zip(self.outputs, out))
+
+    return TorchGraphRunner
+
+
+def __getattr__(name: str):  # TorchGraphRunner, importable once polygraphy is there
+    if name == "TorchGraphRunner":
+        return _torch_runner_class()
+    raise AttributeError(name)
+
+
+# ============================================================================ setup
+def _read_manifest(artifact_dir: Path) -> dict:
+    if not artifact_dir.exists():
+        raise CheckError(f"{artifact_dir}: no such export directory")
+    if not artifact_dir.is_dir():
+        raise CheckError(f"{artifact_dir}: not a directory (give an export directory holding {MANIFEST})")
+    from exporter.export import ExportError, read_manifest
+
+    try:
+        manifest = read_manifest(artifact_dir)
+    except ExportError as e:
+        raise CheckError(str(e)) from None
+    where = artifact_dir / MANIFEST
+    for key in ("source",):
+        if key not in manifest:
+            raise CheckError(f"{where}: missing key {key!r}")
+    for graph in ("prefill", "decode"):
+        info = manifest["graphs"].get(graph)
+        if not isinstance(info, dict) or not {"file", "inputs", "outputs"} <= info.keys():
+            raise CheckError(f"{where}: graphs.{graph} needs 'file', 'inputs' and 'outputs'")
+        path = artifact_dir / info["file"]
+        if not path.is_file():
+            raise CheckError(f"{path}: the {graph} graph named in {where} is missing")
+    if manifest["dtype"] not in DEFAULT_TOLERANCES:
+        raise CheckError(f"{where}: dtype {manifest['dtype']!r} is not one hatrt exports "
+                         f"({', '.join(DEFAULT_TOLERANCES)})")
+    return manifest
+
+
+def _reference_model(manifest: dict, where: Path):
+    from exporter.checkpoint import CheckpointError, load_model
+    from exporter.export import DTYPES
+
+    source = manifest["source"]
+    kind, value = source.get("kind"), source.get("value")
+    if kind not in ("preset", "checkpoint") or not value:
+        raise CheckError(f"{where}: source {source!r} cannot be rebuilt (exported from an in-memory module); "
+                         "pass the reference model to check(..., reference=model)")
+    try:
+        return load_model(value, dtype=DTYPES[manifest["dtype"]], quant_sim=bool(manifest.get("quant_sim", False)))
+    except CheckpointError as e:
+        raise CheckError(f"{where}: cannot load the reference ({kind} {value!r}): {e}") from None
+
+
+def _layout(manifest: dict):
+    from exporter.cache import TensorSpec
+
+    return [TensorSpec(s["name"], tuple(s["dims"]), s["dtype"]) for s in manifest["cache_layout"]]
+
+
+def _prompts(prompts, seed: int, vocab: int) -> list[list[int]]:
+    if prompts is None:
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in DEFAULT_PROMPT_LENGTHS]
+    out = []
+    for i, p in enumerate(prompts):
+        ids = [int(t) for t in p]
+        if not ids:
+            raise CheckError(f"prompt {i} is empty: a prompt needs at least one token id")
+        bad = [t for t in ids if t < 0 or t >= vocab]
+        if bad:
+            raise CheckError(f"prompt {i}: token ids {bad[:8]} are outside the vocabulary [0, {vocab})")
+        out.append(ids)
+    if not out:
+        raise CheckError("no prompts given")
+    return out
+
+
+def _ensure_capacity(cache: list[np.ndarray], layout, config, pos: int) -> list[np.ndarray]:
+    """Entry capacities >= the complete blocks after feeding the token at `pos`."""
+    try:
+        from engines import cache_ops
+    except ImportError:  # the helper module is absent: grow locally (exactly what is needed)
+        cache_ops = None
+    if cache_ops is not None:
+        need = cache_ops.entries_needed(config, pos)
+        grown = cache_ops.ensure_capacity([torch.from_numpy(np.ascontiguousarray(a)) for a in cache], layout,
+                                          need.get("csa_entries", 0), need.get("hca_entries", 0))
+        return [t.numpy() for t in grown]
+    from exporter.cache import CSA_ENTRIES, HCA_ENTRIES
+    from exporter.config import CSA, HCA
+
+    need = {CSA_ENTRIES: (pos + 1) // CSA, HCA_ENTRIES: (pos + 1) // HCA}
+    out = []
+    for a, spec in zip(cache, layout):
+        for axis, d in enumerate(spec.dims):
+            if d in need and a.shape[axis] < need[d]:
+                pad = [(0, 0)] * a.ndim
+                pad[axis] = (0, need[d] - a.shape[axis])
+                a = np.pad(a, pad)
+        out.append(a)
+    return out
+
+
+# ============================================================================ comparison
+def _group(name: str) -> str:
+    if name == LOGITS:
+        return "logits"
+    if name.startswith(CACHE_OUT):
+        return "cache"
+    return "layers"
+
+
+def _scale(ref: np.ndarray) -> float:
+    finite = np.abs(ref[np.isfinite(ref)]) if ref.size else ref
+    s = float(finite.max()) if finite.size else 0.0
+    return s if s > 0 else 1.0
+
+
+def _tolerances(names: Sequence[str], dtypes: dict[str, str], rtol: float, atol: float):
+    rt, at = {}, {}
+    for n in names:
+        exact = np.issubdtype(np.dtype(dtypes[n]), np.integer)
+        rt[n], at[n] = (0.0, 0.0) if exact else (rtol, atol)
+    return rt, at
+
+
+def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, bool]:
+    """(max abs error, max abs error / max|ref|, any NaN or mismatched infinity)."""
+    if a.shape != b.shape:
+        return float("nan"), float("nan"), True
+    if not np.issubdtype(a.dtype, np.floating):
+        d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+        m = float(d.max()) if d.size else 0.0
+        return m, m / _scale(b.astype(np.float64)), False
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        same_inf = np.isinf(a64) & (a64 == b64)
+        d = np.where(same_inf, 0.0, np.abs(a64 - b64))
+    bad = bool(np.isnan(d).any())
+    m = float(np.nanmax(d)) if d.size and not np.isnan(d).all() else 0.0
+    if bad:
+        m = float("nan")
+    return m, m / _scale(b64), bad
+
+
+def _logit_metrics(backend: np.ndarray, ref: np.ndarray, acc: LogitMetrics) -> None:
+    a = backend.reshape(-1, backend.shape[-1]).astype(np.float64)
+    b = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    cos = np.where(np.isnan(cos), -1.0, cos)
+    acc.min_cosine = min(acc.min_cosine, float(cos.min()))
+    acc.top1_matches += int((np.nan_to_num(a, nan=-np.inf).argmax(-1) == b.argmax(-1)).sum())
+    k = min(TOP_K, a.shape[-1])
+    ta = np.sort(np.argsort(-np.nan_to_num(a, nan=-np.inf), axis=-1, kind="stable")[:, :k], axis=-1)
+    tb = np.sort(np.argsort(-b, axis=-1, kind="stable")[:, :k], axis=-1)
+    acc.top5_matches += int((ta == tb).all(-1).sum())
+    acc.positions += a.shape[0]
+    acc.top1_agreement = acc.top1_matches / acc.positions
+    acc.top5_set_agreement = acc.top5_matches / acc.positions
+
+
+def _accuracy_result(results):
+    """compare_accuracy returns an AccuracyResults list (polygraphy >= 0.53) or one AccuracyResult."""
+    if hasattr(results, "lst"):
+        return results[0]
+    if isinstance(results, (list, tuple)):
+        return results[0]
+    return results
+
+
+# ============================================================================ check
+def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompts: Sequence[Sequence[int]] | None = None,
+          seed: int = 0, rtol: float | None = None, atol: float | None = None,
+          progress: Callable[[str], None] | None = None, reference=None) -> CheckReport:
+    """Run the export in `artifact_dir` (ONNX Runtime) against the PyTorch reference.
+
+    prompts: token-id lists (default: random prompts of 200 and 300 tokens drawn with `seed`).
+    steps: decode steps after each prompt. rtol / atol: override the precision's defaults
+    (fp32 1e-5, fp16 1e-2) for every float output; atol is relative to max|ref| per step.
+    reference: a Transformer to use instead of rebuilding the manifest's source.
+    Raises CheckError for usage problems; a numerical mismatch is `report.passed == False`."""
+    t_start = time.perf_counter()
+    log = progress or (lambda msg: None)
+    if steps < 0:
+        raise CheckError(f"steps must be >= 0, got {steps}")
+    artifact_dir = Path(artifact_dir)
+    manifest = _read_manifest(artifact_dir)
+    where = artifact_dir / MANIFEST
+    pg = _polygraphy()
+    dtype = manifest["dtype"]
+    d_rtol, d_atol = DEFAULT_TOLERANCES[dtype]
+    rtol = d_rtol if rtol is None else float(rtol)
+    atol = d_atol if atol is None else float(atol)
+    if rtol < 0 or atol < 0:
+        raise CheckError(f"tolerances must be >= 0 (rtol={rtol}, atol={atol})")
+
+    from exporter.config import CSA, HCA, WINDOW
+    from exporter.graph import DecodeGraph, PrefillGraph
+
+    if reference is None:
+        log(f"loading the reference ({manifest['source']['kind']} {manifest['source']['value']}, {dtype})")
+        model = _reference_model(manifest, where)
+    else:
+        model = reference.eval()
+    config = model.config
+    if config.to_hf_dict() != manifest["config"]:
+        raise CheckError(f"{where}: the reference model's config differs from the exported one")
+    per_layer = bool(manifest.get("per_layer", False))
+    layout = _layout(manifest)
+    prompt_ids = _prompts(prompts, seed, config.vocab_size)
+    kinds = [{WINDOW: "window", CSA: "CSA", HCA: "HCA"}.get(r, f"ratio {r}") for r in config.compress_ratios]
+
+    graphs = manifest["graphs"]
+    out_names = [o["name"] for o in graphs["decode"]["outputs"]]
+    prefill_out = [o["name"] for o in graphs["prefill"]["outputs"]]
+    if prefill_out != out_names:
+        raise CheckError(f"{where}: prefill and decode graphs have different outputs")
+    dtypes = {o["name"]: o["dtype"] for o in graphs["decode"]["outputs"]}
+    torch_graphs = {"prefill": PrefillGraph(model, per_layer=per_layer), "decode": DecodeGraph(model, per_layer=per_layer)}
+    for g, module in torch_graphs.items():
+        want = [i["name"] for i in graphs[g]["inputs"]], [o["name"] for o in graphs[g]["outputs"]]
+        if (module.input_names(), module.output_names()) != want:
+            raise CheckError(f"{where}: the {g} graph's inputs/outputs differ from the reference graph's "
+                             "(exported by another hatrt version?)")
+
+    TorchGraphRunner = _torch_runner_class()
+    G = pg["G_LOGGER"]
+    rt, at = _tolerances(out_names, dtypes, rtol, atol)
+    stats = {n: OutputStats(n, _group(n), rtol=rt[n], atol=at[n]) for n in out_names}
+    logit_metrics = LogitMetrics()
+    labels: list[str] = []
+    iters_backend, iters_ref = [], []
+    times = {"backend": 0.0, "reference": 0.0}
+
+    def record(label: str, out_b: OrderedDict, out_r: OrderedDict, rt_b: float, rt_r: float) -> None:
+        """Keep the step for the comparator (floats scaled by max|ref|) and collect raw stats."""
+        labels.append(label)
+        scaled_b, scaled_r = OrderedDict(), OrderedDict()
+        for n in out_names:
+            a, b = np.asarray(out_b[n]), np.asarray(out_r[n])
+            s = stats[n]
+            m_abs, m_rel, bad = _diff_stats(a, b)
+            s.steps += 1
+            s.nan |= bad
+            s.shape_mismatch |= a.shape != b.shape
+            s.max_abs = m_abs if np.isnan(m_abs) or np.isnan(s.max_abs) else max(s.max_abs, m_abs)
+            s.max_rel = m_rel if np.isnan(m_rel) or np.isnan(s.max_rel) else max(s.max_rel, m_rel)
+            if np.issubdtype(a.dtype, np.floating) and a.shape == b.shape:
+                k = _scale(b.astype(np.float64))
+                a, b = (a.astype(np.float32) / np.float32(k)), (b.astype(np.float32) / np.float32(k))
+            scaled_b[n], scaled_r[n] = a, b
+        if out_b[LOGITS].shape == out_r[LOGITS].shape:
+            _logit_metrics(np.asarray(out_b[LOGITS]), np.asarray(out_r[LOGITS]), logit_metrics)
+        iters_backend.append(pg["IterationResult"](scaled_b, runtime=rt_b, runner_name=BACKEND_NAME))
+        iters_ref.append(pg["IterationResult"](scaled_r, runtime=rt_r, runner_name=REFERENCE_NAME))
+
+    def run_both(graph: str, runners: dict, feed_b: dict, feed_r: dict):
+        rb, rr = runners[graph]
+        out_b = rb.infer(feed_b)
+        out_b = OrderedDict((n, np.array(out_b[n], copy=True)) for n in out_names)  # runners may reuse buffers
+        out_r = rr.infer(feed_r)
+        times["backend"] += rb.last_inference_time() or 0.0
+        times["reference"] += rr.last_inference_time() or 0.0
+        return out_b, out_r, rb.last_inference_time() or 0.0, rr.last_inference_time() or 0.0
+
+    with G.verbosity(G.CRITICAL), contextlib.ExitStack() as stack:
+        runners = {}
+        for g in ("prefill", "decode"):
+            path = artifact_dir / graphs[g]["file"]
+            log(f"loading {path.name} in ONNX Runtime")
+            try:
+                rb = stack.enter_context(pg["OnnxrtRunner"](pg["SessionFromOnnx"](str(path)), name=f"{BACKEND_NAME}-{g}"))
+            except Exception as e:  # a broken file: usage error naming it
+                raise CheckError(f"{path}: ONNX Runtime cannot load it: {e}") from None
+            rr = stack.enter_context(TorchGraphRunner(torch_graphs[g], graphs[g]["inputs"], out_names,
+                                                      name=f"{REFERENCE_NAME}-{g}"))
+            runners[g] = (rb, rr)
+
+        for p, ids in enumerate(prompt_ids):
+            log(f"prompt {p}: prefill {len(ids)} tokens")
+            feed = OrderedDict([(INPUT_IDS, np.asarray([ids], dtype=np.int64))])
+            out_b, out_r, tb, tr = run_both("prefill", runners, feed, feed)
+            record(f"prompt {p} prefill ({len(ids)} tokens)", out_b, out_r, tb, tr)
+            cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
+            cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
+            token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
+            pos = len(ids)
+            for step in range(steps):
+                cache_b = _ensure_capacity(cache_b, layout, config, pos)
+                cache_r = _ensure_capacity(cache_r, layout, config, pos)
+                ids_in = np.asarray([[token]], dtype=np.int64)
+                feed_b = OrderedDict([(INPUT_IDS, ids_in)] + [(CACHE_IN + s.name, np.ascontiguousarray(t))
+                                                                for s, t in zip(layout, cache_b)])
+                feed_r = OrderedDict([(INPUT_IDS, ids_in)] + [(CACHE_IN + s.name, np.ascontiguousarray(t))
+                                                                for s, t in zip(layout, cache_r)])
+                out_b, out_r, tb, tr = run_both("decode", runners, feed_b, feed_r)
+                record(f"prompt {p} decode step {step} (position {pos})", out_b, out_r, tb, tr)
+                cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
+                cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
+                token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
+                pos += 1
+                if (step + 1) % 8 == 0 or step + 1 == steps:
+                    log(f"prompt {p}: decode step {step + 1}/{steps}")
+
+        log(f"comparing {len(labels)} steps x {len(out_names)} outputs (Polygraphy)")
+        run_results = pg["RunResults"]()
+        run_results.append((BACKEND_NAME, iters_backend))
+        run_results.append((REFERENCE_NAME, iters_ref))
+        compare = pg["simple_compare"](rtol=rt, atol=at, check_error_stat="elemwise",
+                                       infinities_compare_equal=True)
+        with np.errstate(all="ignore"):
+            accuracy = _accuracy_result(pg["Comparator"].compare_accuracy(run_results, compare_func=compare))
+    per_step = accuracy[(BACKEND_NAME, REFERENCE_NAME)]
+
+    first_failure = first_layer = first_layer_step = None
+    layer_names = [f"layer{i}.streams" for i in range(config.num_layers)] if per_layer else []
+    for label, outcome in zip(labels, per_step):
+        for n in out_names:
+            ok = n in outcome and bool(outcome[n]) and not stats[n].shape_mismatch
+            if not ok:
+                s = stats[n]
+                s.passed = False
+                s.failed_steps += 1
+                s.first_failure = s.first_failure or label
+                first_failure = first_failure or f"{n} at {label}"
+        if first_layer is None:
+            failing = [i for i, n in enumerate(layer_names) if not (n in outcome and bool(outcome[n]))]
+            if failing:
+                first_layer, first_layer_step = failing[0], label
+    for s in stats.values():  # NaN never passes, whatever the comparator said
+        if s.nan or s.shape_mismatch:
+            s.passed = False
+            s.first_failure = s.first_failure or "(NaN or shape mismatch)"
+
+    failed = [n for n, s in stats.items() if not s.passed]
+    report = CheckReport(
+        passed=not failed, artifact_dir=str(artifact_dir), model=config.name, dtype=dtype, backend=BACKEND_NAME,
+        reference=f"torch ({manifest['source'].get('kind')} {manifest['source'].get('value')})"
+        if reference is None else "torch (given module)",
+        per_layer=per_layer, steps=steps, prompt_lengths=[len(p) for p in prompt_ids],
+        seed=seed if prompts is None else None, rtol=rtol, atol=atol, outputs=stats, logits=logit_metrics,
+        first_diverging_layer=None if first_layer is None else f"layer {first_layer} ({kinds[first_layer]})",
+        first_diverging_layer_index=first_layer, first_diverging_step=first_layer_step,
+        first_failure=first_failure, failed_outputs=failed, layer_kinds=kinds,
+        seconds=time.perf_counter() - t_start, backend_seconds=times["backend"], reference_seconds=times["reference"])
+    log(f"check {'passed' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
+    return report
+
+
+# ============================================================================ text
+def _fmt(x: float) -> str:
+    return "nan" if np.isnan(x) else f"{x:.3g}"
+
+
+def format_report(report: CheckReport) -> str:
+    """A readable table: per output group (logits, cache, layers) max errors and verdicts."""
+    lines = [
+        f"hatrt check: {report.backend} vs {report.reference}",
+        f"  export {report.artifact_dir} ({report.model}, {report.dtype}{', per-layer' if report.per_layer else ''})",
+        f"  prompts of {', '.join(map(str, report.prompt_lengths))} tokens, {report.steps} decode steps each"
+        + (f", seed {report.seed}" if report.seed is not None else ""),
+        f"  tolerance: rtol {report.rtol:g}, atol {report.atol:g} x max|ref| per step (integers exact)",
+        "",
+    ]
+    width = max([len(n) for n in report.outputs] + [20])
+    header = f"  {'output':<{width}}  {'max abs':>9}  {'max rel':>9}  {'failed':>9}  result"
+    for group in GROUPS:
+        rows = report.group(group)
+        if not rows:
+            continue
+        lines += [f"{group}:", header]
+        for s in rows:
+            result = "ok" if s.passed else ("NaN" if s.nan else "shape" if s.shape_mismatch else "FAIL")
+            name = s.name
+            if group == "layers" and name.split(".")[0].removeprefix("layer").isdigit():
+                i = int(name.split(".")[0].removeprefix("layer"))
+                if i < len(report.layer_kinds):
+                    name = f"{name} ({report.layer_kinds[i]})"
+            lines.append(f"  {name:<{width}}  {_fmt(s.max_abs):>9}  {_fmt(s.max_rel):>9}  "
+                         f"{s.failed_steps:>4}/{s.steps:<4}  {result}")
+        if group == "logits":
+            m = report.logits
+            lines.append(f"  cosine similarity >= {m.min_cosine:.6f}; top-1 agreement {m.top1_agreement:.2%}, "
+                         f"top-5 set agreement {m.top5_set_agreement:.2%} over {m.positions} positions")
+        lines.append("")
+    if report.per_layer:
+        if report.first_diverging_layer:
+            lines.append(f"first diverging layer: {report.first_diverging_layer} at {report.first_diverging_step}")
+        else:
+            lines.append("first diverging layer: none (every layer within tolerance)")
+    if report.passed:
+        lines.append(f"PASSED: all {len(report.outputs)} outputs within tolerance "
+                     f"({report.seconds:.1f} s; backend {report.backend_seconds:.1f} s, "
+                     f"reference {report.reference_seconds:.1f} s)")
+    else:
+        lines.append(f"FAILED: {len(report.failed_outputs)} of {len(report.outputs)} outputs outside tolerance; "
+                     f"first: {report.first_failure}")
+    return "\n".join(lines)
+
+
+def write_json(report: CheckReport, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+__all__ = ["CheckError", "CheckReport", "LogitMetrics", "OutputStats", "check", "format_report", "write_json",
+           "DEFAULT_TOLERANCES", "TorchGraphRunner"]
