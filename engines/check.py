@@ -33,6 +33,7 @@ import functools
 import json
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,6 +73,7 @@ class OutputStats:
     steps: int = 0  # compared steps
     failed_steps: int = 0
     first_failure: str | None = None  # the step label
+    comparator_passed: bool = True  # Polygraphy's compare_accuracy verdict over all steps
     nan: bool = False  # NaN (or a non-matching infinity) somewhere
     shape_mismatch: bool = False
 
@@ -326,6 +328,21 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, bool]:
     return m, m / _scale(b64), bad
 
 
+def _step_fails(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
+    """Polygraphy's element-wise rule on one step (a, b already scaled): an element fails when
+    (|a-b| > atol or NaN) and (|a-b| / |b| > rtol or NaN); matching infinities are equal."""
+    if a.shape != b.shape:
+        return True
+    if not np.issubdtype(a.dtype, np.floating):
+        return bool((a != b).any())
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(all="ignore"):
+        d = np.where(np.isinf(a64) & (a64 == b64), 0.0, np.abs(a64 - b64))
+        rel = d / np.where(b64 == 0, np.finfo(np.float64).eps, np.abs(b64))
+        bad = ((d > atol) | np.isnan(d)) & ((rel > rtol) | np.isnan(rel))
+    return bool(bad.any())
+
+
 def _logit_metrics(backend: np.ndarray, ref: np.ndarray, acc: LogitMetrics) -> None:
     a = backend.reshape(-1, backend.shape[-1]).astype(np.float64)
     b = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
@@ -387,10 +404,15 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     else:
         model = reference.eval()
     config = model.config
-    if config.to_hf_dict() != manifest["config"]:
+    if json.loads(json.dumps(config.to_hf_dict())) != manifest["config"]:
         raise CheckError(f"{where}: the reference model's config differs from the exported one")
     per_layer = bool(manifest.get("per_layer", False))
     layout = _layout(manifest)
+    from exporter.cache import cache_layout
+
+    if list(cache_layout(config, model.dtype)) != layout:
+        raise CheckError(f"{where}: the reference's cache layout ({str(model.dtype).removeprefix('torch.')}) "
+                         f"differs from the exported one ({dtype})")
     prompt_ids = _prompts(prompts, seed, config.vocab_size)
     kinds = [{WINDOW: "window", CSA: "CSA", HCA: "HCA"}.get(r, f"ratio {r}") for r in config.compress_ratios]
 
@@ -412,31 +434,43 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     rt, at = _tolerances(out_names, dtypes, rtol, atol)
     stats = {n: OutputStats(n, _group(n), rtol=rt[n], atol=at[n]) for n in out_names}
     logit_metrics = LogitMetrics()
-    labels: list[str] = []
-    iters_backend, iters_ref = [], []
+    labels: list[str] = []  # every step, in scenario order
+    step_failures: list[set[str]] = []  # outputs outside tolerance, per step
+    # Polygraphy compares one iteration per phase: each output's scaled steps flattened end to end
+    # (the comparator costs ~20 ms per output and iteration, whatever the size).
+    buckets = {ph: (OrderedDict((n, []) for n in out_names), OrderedDict((n, []) for n in out_names))
+               for ph in ("prefill", "decode")}
+    phase_time = {ph: [0.0, 0.0] for ph in buckets}
     times = {"backend": 0.0, "reference": 0.0}
 
-    def record(label: str, out_b: OrderedDict, out_r: OrderedDict, rt_b: float, rt_r: float) -> None:
-        """Keep the step for the comparator (floats scaled by max|ref|) and collect raw stats."""
+    def record(phase: str, label: str, out_b: OrderedDict, out_r: OrderedDict, rt_b: float, rt_r: float) -> None:
+        """Raw error stats and the step's verdict per output; floats scaled by max|ref| for the comparator."""
         labels.append(label)
-        scaled_b, scaled_r = OrderedDict(), OrderedDict()
+        failing = set()
+        phase_time[phase][0] += rt_b
+        phase_time[phase][1] += rt_r
         for n in out_names:
             a, b = np.asarray(out_b[n]), np.asarray(out_r[n])
-            s = stats[n]
+            st = stats[n]
             m_abs, m_rel, bad = _diff_stats(a, b)
-            s.steps += 1
-            s.nan |= bad
-            s.shape_mismatch |= a.shape != b.shape
-            s.max_abs = m_abs if np.isnan(m_abs) or np.isnan(s.max_abs) else max(s.max_abs, m_abs)
-            s.max_rel = m_rel if np.isnan(m_rel) or np.isnan(s.max_rel) else max(s.max_rel, m_rel)
-            if np.issubdtype(a.dtype, np.floating) and a.shape == b.shape:
-                k = _scale(b.astype(np.float64))
-                a, b = (a.astype(np.float32) / np.float32(k)), (b.astype(np.float32) / np.float32(k))
-            scaled_b[n], scaled_r[n] = a, b
+            st.steps += 1
+            st.nan |= bad
+            st.max_abs = m_abs if np.isnan(m_abs) or np.isnan(st.max_abs) else max(st.max_abs, m_abs)
+            st.max_rel = m_rel if np.isnan(m_rel) or np.isnan(st.max_rel) else max(st.max_rel, m_rel)
+            if a.shape != b.shape:
+                st.shape_mismatch = True
+                failing.add(n)
+                continue
+            if np.issubdtype(a.dtype, np.floating):
+                k = np.float32(_scale(b.astype(np.float64)))
+                a, b = a.astype(np.float32) / k, b.astype(np.float32) / k
+            if _step_fails(a, b, st.rtol, st.atol):
+                failing.add(n)
+            buckets[phase][0][n].append(a.reshape(-1))
+            buckets[phase][1][n].append(b.reshape(-1))
+        step_failures.append(failing)
         if out_b[LOGITS].shape == out_r[LOGITS].shape:
             _logit_metrics(np.asarray(out_b[LOGITS]), np.asarray(out_r[LOGITS]), logit_metrics)
-        iters_backend.append(pg["IterationResult"](scaled_b, runtime=rt_b, runner_name=BACKEND_NAME))
-        iters_ref.append(pg["IterationResult"](scaled_r, runtime=rt_r, runner_name=REFERENCE_NAME))
 
     def run_both(graph: str, runners: dict, feed_b: dict, feed_r: dict):
         rb, rr = runners[graph]
@@ -464,7 +498,7 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
             log(f"prompt {p}: prefill {len(ids)} tokens")
             feed = OrderedDict([(INPUT_IDS, np.asarray([ids], dtype=np.int64))])
             out_b, out_r, tb, tr = run_both("prefill", runners, feed, feed)
-            record(f"prompt {p} prefill ({len(ids)} tokens)", out_b, out_r, tb, tr)
+            record("prefill", f"prompt {p} prefill ({len(ids)} tokens)", out_b, out_r, tb, tr)
             cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
             cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
             token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
@@ -478,7 +512,7 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
                 feed_r = OrderedDict([(INPUT_IDS, ids_in)] + [(CACHE_IN + s.name, np.ascontiguousarray(t))
                                                                 for s, t in zip(layout, cache_r)])
                 out_b, out_r, tb, tr = run_both("decode", runners, feed_b, feed_r)
-                record(f"prompt {p} decode step {step} (position {pos})", out_b, out_r, tb, tr)
+                record("decode", f"prompt {p} decode step {step} (position {pos})", out_b, out_r, tb, tr)
                 cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
                 cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
                 token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
@@ -488,35 +522,49 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
 
         log(f"comparing {len(labels)} steps x {len(out_names)} outputs (Polygraphy)")
         run_results = pg["RunResults"]()
-        run_results.append((BACKEND_NAME, iters_backend))
-        run_results.append((REFERENCE_NAME, iters_ref))
+        phases = [ph for ph in buckets if any(buckets[ph][1][n] for n in out_names)]
+        for side, runner_name in ((0, BACKEND_NAME), (1, REFERENCE_NAME)):
+            iters = []
+            for ph in phases:
+                arrays = OrderedDict((n, np.concatenate(parts)) for n, parts in buckets[ph][side].items() if parts)
+                iters.append(pg["IterationResult"](arrays, runtime=phase_time[ph][side], runner_name=runner_name))
+            run_results.append((runner_name, iters))
         compare = pg["simple_compare"](rtol=rt, atol=at, check_error_stat="elemwise",
                                        infinities_compare_equal=True)
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # statistics of empty entry buffers
             accuracy = _accuracy_result(pg["Comparator"].compare_accuracy(run_results, compare_func=compare))
-    per_step = accuracy[(BACKEND_NAME, REFERENCE_NAME)]
+    verdicts = accuracy[(BACKEND_NAME, REFERENCE_NAME)]
 
+    # The comparator's verdict per output (over all steps of a phase) ...
+    for ph, outcome in zip(phases, verdicts):
+        for n in out_names:
+            if n in outcome and not bool(outcome[n]):
+                stats[n].passed = stats[n].comparator_passed = False
+    # ... and the same rule step by step says where it first failed.
     first_failure = first_layer = first_layer_step = None
     layer_names = [f"layer{i}.streams" for i in range(config.num_layers)] if per_layer else []
-    for label, outcome in zip(labels, per_step):
+    for label, failing in zip(labels, step_failures):
         for n in out_names:
-            ok = n in outcome and bool(outcome[n]) and not stats[n].shape_mismatch
-            if not ok:
-                s = stats[n]
-                s.passed = False
-                s.failed_steps += 1
-                s.first_failure = s.first_failure or label
+            if n in failing:
+                st = stats[n]
+                st.passed = False
+                st.failed_steps += 1
+                st.first_failure = st.first_failure or label
                 first_failure = first_failure or f"{n} at {label}"
         if first_layer is None:
-            failing = [i for i, n in enumerate(layer_names) if not (n in outcome and bool(outcome[n]))]
-            if failing:
-                first_layer, first_layer_step = failing[0], label
-    for s in stats.values():  # NaN never passes, whatever the comparator said
-        if s.nan or s.shape_mismatch:
-            s.passed = False
-            s.first_failure = s.first_failure or "(NaN or shape mismatch)"
+            bad_layers = [i for i, n in enumerate(layer_names) if n in failing]
+            if bad_layers:
+                first_layer, first_layer_step = bad_layers[0], label
+    for st in stats.values():  # NaN never passes, whatever the tolerances
+        if st.nan or st.shape_mismatch:
+            st.passed = False
+            st.first_failure = st.first_failure or "(NaN or shape mismatch)"
+        if not st.passed and st.failed_steps == 0:  # the comparator failed it, the step rule did not
+            st.first_failure = st.first_failure or "(Polygraphy comparator)"
+            first_failure = first_failure or f"{st.name} (Polygraphy comparator)"
 
-    failed = [n for n, s in stats.items() if not s.passed]
+    failed = [n for n, st in stats.items() if not st.passed]
     report = CheckReport(
         passed=not failed, artifact_dir=str(artifact_dir), model=config.name, dtype=dtype, backend=BACKEND_NAME,
         reference=f"torch ({manifest['source'].get('kind')} {manifest['source'].get('value')})"

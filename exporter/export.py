@@ -19,6 +19,8 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -214,40 +216,53 @@ def _export_graph(model: Transformer, graph: str, per_layer: bool, path: Path, t
     return {"file": path.name, "trt_file": trt_path.name, **_io_specs(proto)}
 
 
-def _export_in_worker(source, dtype: str, quant_sim: bool, graph: str, per_layer: bool, tmp: str,
-                      optimize: bool) -> tuple[str, dict]:
-    """One graph in a separate process (the exporter is single-threaded Python: two graphs in two
-    processes take half the wall time)."""
+def _worker_main() -> None:
+    """Entry point of an export subprocess: export one graph, write its I/O description as JSON."""
+    args = json.loads(sys.argv[1])
     torch.set_num_threads(1)
-    model = load_model(source, dtype=DTYPES[dtype], quant_sim=quant_sim)
-    return graph, _export_graph(model, graph, per_layer, Path(tmp) / f"{graph}.onnx",
-                                Path(tmp) / f"{graph}.trt.onnx", optimize)
+    model = load_model(args["source"], dtype=DTYPES[args["dtype"]], quant_sim=args["quant_sim"])
+    tmp, graph = Path(args["tmp"]), args["graph"]
+    info = _export_graph(model, graph, args["per_layer"], tmp / f"{graph}.onnx", tmp / f"{graph}.trt.onnx",
+                         args["optimize"])
+    (tmp / f"{graph}.info.json").write_text(json.dumps(info))
 
 
 def _export_graphs(source, model: Transformer, dtype: str, quant_sim: bool, per_layer: bool, tmp: Path,
                    optimize: bool, jobs: int, progress) -> dict:
     names = ("prefill", "decode")
-    if jobs > 1 and not isinstance(source, Transformer):
-        import concurrent.futures
-        import multiprocessing
-
-        _log(progress, f"exporting {' and '.join(names)} graphs in {min(jobs, 2)} processes")
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=min(jobs, 2), mp_context=ctx) as pool:
-            futures = [pool.submit(_export_in_worker, source, dtype, quant_sim, n, per_layer, str(tmp), optimize)
-                       for n in names]
-            graphs = {}
-            for done in concurrent.futures.as_completed(futures):
-                name, info = done.result()
-                graphs[name] = info
-                _log(progress, f"exported {name} graph")
-        return {n: graphs[n] for n in names}
-    graphs = {}
-    for name in names:
-        _log(progress, f"exporting {name} graph")
-        graphs[name] = _export_graph(model, name, per_layer, tmp / f"{name}.onnx", tmp / f"{name}.trt.onnx",
-                                     optimize)
-    return graphs
+    if jobs < 2 or isinstance(source, Transformer):
+        graphs = {}
+        for name in names:
+            _log(progress, f"exporting {name} graph")
+            graphs[name] = _export_graph(model, name, per_layer, tmp / f"{name}.onnx", tmp / f"{name}.trt.onnx",
+                                         optimize)
+        return graphs
+    # The exporter is single-threaded Python: two graphs in two fresh interpreters take half the
+    # wall time (subprocesses, not multiprocessing, so callers need no __main__ guard).
+    _log(progress, "exporting the prefill and decode graphs in 2 processes")
+    procs = {}
+    try:
+        for name in names:
+            args = json.dumps({"source": str(source), "dtype": dtype, "quant_sim": quant_sim, "graph": name,
+                               "per_layer": per_layer, "tmp": str(tmp), "optimize": optimize})
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", "from exporter.export import _worker_main; _worker_main()", args],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        graphs = {}
+        for name, proc in procs.items():
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                tail = "\n".join(err.strip().splitlines()[-15:])
+                raise ExportError(f"exporting the {name} graph failed:\n{tail}")
+            graphs[name] = json.loads((tmp / f"{name}.info.json").read_text())
+            (tmp / f"{name}.info.json").unlink()
+            _log(progress, f"exported the {name} graph")
+        return graphs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _tool_versions() -> dict:

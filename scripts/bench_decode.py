@@ -385,6 +385,10 @@ def fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
 def markdown_tables(res: dict) -> str:
     contexts = res["settings"]["contexts"]
     lines = []
@@ -392,7 +396,7 @@ def markdown_tables(res: dict) -> str:
         rows = {(r["series"], r["context"]): r for r in res["results"] if r["batch"] == b}
         lines += [f"**Batch {b}** — per decode step, wall ms median / p90 (CPU ms median), steps per N "
                   f"{', '.join(str(res['settings']['steps_per_context'][n]) for n in contexts)}", "",
-                  "| series | " + " | ".join(f"N = {n // 1024}K" for n in contexts) + " |",
+                  "| series | " + " | ".join(f"N = {ctx_label(n)}" for n in contexts) + " |",
                   "| --- |" + " ---: |" * len(contexts)]
         for s in SERIES:
             cells = []
@@ -410,7 +414,7 @@ def markdown_tables(res: dict) -> str:
         lines.append("| dense / hybrid eager | " + " | ".join(
             f"{rb['dense_over_hybrid_eager'][str(n)]:.2f}" for n in contexts) + " |")
         lo, hi = contexts[0], contexts[-1]
-        lines += ["", f"Growth {hi // 1024}K / {lo // 1024}K (wall; CPU): " + ", ".join(
+        lines += ["", f"Growth {ctx_label(hi)} / {ctx_label(lo)} (wall; CPU): " + ", ".join(
             f"{s} {rb['growth'][s]['wall']:.2f}x; {rb['growth'][s]['cpu']:.2f}x" for s in SERIES), ""]
     return "\n".join(lines)
 
@@ -420,6 +424,7 @@ def plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     batches = res["settings"]["batches"]
     fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.2), squeeze=False)
@@ -439,8 +444,11 @@ def plot(res: dict, path: Path) -> None:
                         capsize=3, label=labels[s])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 5) else ""))
         ax.set_xticks(res["settings"]["contexts"])
-        ax.set_xticklabels([f"{n // 1024}K" if n >= 1024 else str(n) for n in res["settings"]["contexts"]])
+        ax.set_xticklabels([ctx_label(n) for n in res["settings"]["contexts"]])
         ax.set_xlabel("context N (tokens in the cache)")
         ax.set_ylabel("decode step, wall ms (median; bar to p90)")
         ax.set_title(f"batch {b}, {res['threads']['torch_intra_op']} thread(s)")

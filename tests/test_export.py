@@ -103,9 +103,9 @@ def test_onnxruntime_prefill_and_300_step_decode_match_reference(flash_export):
     worst = 0.0
     for i in range(steps):
         pos = [n + i for n in lengths]
-        cache = cache_ops.ensure_capacity(cache, ort.layout,
-                                          **{f"{k.split('_')[0]}_needed": v for k, v in
-                                             cache_ops.entries_needed(ref.config, max(pos)).items()})
+        need = cache_ops.entries_needed(ref.config, max(pos))
+        cache = cache_ops.ensure_capacity(cache, ort.layout, csa_needed=need.get("csa_entries", 0),
+                                          hca_needed=need.get("hca_entries", 0))
         tokens = torch.stack([s[0, p] for s, p in zip(seqs, pos)]).view(2, 1)
         logits, cache = ort.decode(tokens, cache)
         for row, (w, p) in enumerate(zip(want, pos)):
@@ -132,16 +132,8 @@ def test_export_errors(tmp_path):
     file_target.write_text("x")
     with pytest.raises(ExportError, match="exists and is not a directory"):
         export_model("tiny-csa", file_target)
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    os.chmod(locked, 0o500)
-    try:
-        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to test
-            pytest.skip("running as root: directory permissions are not enforced")
-        with pytest.raises(ExportError, match="cannot write the output directory"):
-            export_model("tiny-csa", locked / "out")
-    finally:
-        os.chmod(locked, 0o700)
+    with pytest.raises(ExportError, match="cannot write the output directory"):
+        export_model("tiny-csa", file_target / "out")  # its parent is a file: nothing can be created
 
 
 def test_export_cli_errors(tmp_path):
@@ -171,3 +163,39 @@ def test_interrupted_export_leaves_no_partial_files(tmp_path):
     assert proc.returncode != 0
     assert not out.exists()
     assert not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.fixture(scope="module")
+def dense_fp16_export(tmp_path_factory):
+    """tiny-dense (window, CSA, HCA layers; dense FFN) exported in float16."""
+    return export_model("tiny-dense", tmp_path_factory.mktemp("export") / "dense16", dtype="float16").out_dir
+
+
+def l2_rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(got).any(), "NaN never passes"
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@torch.no_grad()
+def test_float16_export_matches_float16_reference(dense_fp16_export):
+    """fp16 tolerance: relative L2 error per step <= 1e-2. (Max-abs error is not a fair fp16 measure
+    here: fp16 rounding flips indexer selections at near-ties, moving single logits by a few %.)"""
+    assert read_manifest(dense_fp16_export)["dtype"] == "float16"
+    ort = OnnxRuntimeBackend(dense_fp16_export)
+    assert all(s.dtype in ("float16", "float32", "int64") for s in ort.layout)
+    ref = load_model("tiny-dense", dtype=torch.float16)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(1))
+    want = ref(ids)[0]
+    logits, cache = ort.prefill(ids[:, :300])
+    assert l2_rel(logits[0], want[:300]) < 1e-2
+    worst = 0.0
+    for p in range(300, 600):
+        need = cache_ops.entries_needed(ref.config, p)
+        cache = cache_ops.ensure_capacity(cache, ort.layout, csa_needed=need.get("csa_entries", 0),
+                                          hca_needed=need.get("hca_entries", 0))
+        logits, cache = ort.decode(ids[:, p:p + 1], cache)
+        err = l2_rel(logits[0, 0], want[p])
+        worst = max(worst, err)
+        assert err < 1e-2, f"position {p}: relative L2 error {err:.2e}"
+        assert torch.nn.functional.cosine_similarity(logits[0, 0].float(), want[p].float(), dim=0) > 0.999
+    print(f"fp16 ONNX Runtime vs fp16 reference over 300 decode steps: max relative L2 error {worst:.2e}")

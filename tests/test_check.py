@@ -1,0 +1,165 @@
+"""`hatrt check`: an export against the PyTorch reference through Polygraphy runners.
+
+Uses the session's shared tiny-flash export (fp32, per-layer outputs); the only other artifact is
+a copy with one layer-2 weight scaled in both graphs (no second export)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("polygraphy")
+
+from engines.check import CheckReport, check, format_report  # noqa: E402
+from engines.cli import main  # noqa: E402
+
+CORRUPTED = "model.layers.2.attn.wo_b.weight"  # layer 2 (CSA): its attention output projection
+
+
+@pytest.fixture(scope="module")
+def good_report(flash_export) -> CheckReport:
+    """The default scenario: random prompts of 200 and 300 tokens, 32 decode steps each."""
+    t = time.perf_counter()
+    report = check(flash_export, steps=32, seed=0)
+    print(f"\ncheck on the good export: {time.perf_counter() - t:.1f} s\n{format_report(report)}")
+    return report
+
+
+@pytest.fixture(scope="module")
+def corrupted_export(flash_export, tmp_path_factory):
+    """A copy of the export with one layer-2 initializer scaled by 1.01 in prefill and decode."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path_factory.mktemp("corrupted") / "tiny-flash"
+    shutil.copytree(flash_export, out)
+    for graph in ("prefill.onnx", "decode.onnx"):
+        model = onnx.load(str(out / graph))
+        hits = [t for t in model.graph.initializer if t.name == CORRUPTED]
+        assert len(hits) == 1, f"{graph}: initializer {CORRUPTED} not found"
+        scaled = numpy_helper.to_array(hits[0]) * np.float32(1.01)
+        hits[0].CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), CORRUPTED))
+        onnx.save(model, str(out / graph))
+    return out
+
+
+# ---------------------------------------------------------------------------- the good export
+def test_good_export_passes(good_report):
+    r = good_report
+    assert r.passed, format_report(r)
+    assert r.per_layer and r.first_diverging_layer is None and r.first_failure is None
+    assert r.prompt_lengths == [200, 300] and r.steps == 32
+    assert (r.rtol, r.atol) == (1e-5, 1e-5)  # fp32 defaults
+    # every output of the graphs was compared, on every step (2 prefills + 64 decode steps)
+    assert len(r.group("logits")) == 1 and len(r.group("layers")) == 4 and len(r.group("cache")) == 18
+    for s in r.outputs.values():
+        assert s.steps == 66 and s.failed_steps == 0 and s.comparator_passed and not s.nan, s
+        assert s.max_rel <= 1e-5, s
+    for name in ("new_cache.pos", "new_cache.layer2.window_pos"):  # integers: exact
+        assert r.outputs[name].max_abs == 0
+    assert r.logits.positions == 200 + 300 + 2 * 32  # every prefill position and decode step
+    assert r.logits.top1_agreement == 1.0 and r.logits.top5_set_agreement == 1.0
+    assert r.logits.min_cosine > 1 - 1e-9
+    json.dumps(r.to_dict())  # machine-readable as it is
+    print("max errors (abs / rel to max|ref|): " + ", ".join(
+        f"{n} {s.max_abs:.2g}/{s.max_rel:.2g}" for n, s in r.outputs.items() if s.group != "cache"),
+        f"; cache max rel {max(s.max_rel for s in r.group('cache')):.2g}")
+
+
+def test_cli_good_export(flash_export, tmp_path):
+    out = tmp_path / "check.json"
+    result = CliRunner().invoke(main, ["check", str(flash_export), "--steps", "6", "--prompt-ids", "1 2 3 4 5",
+                                       "--prompt-ids", " ".join(str(i % 500) for i in range(131)),
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.stdout and "logits" in result.stdout and "layer2.streams (CSA)" in result.stdout
+    assert "first diverging layer: none" in result.stdout
+    assert "prompt 1: prefill 131 tokens" in result.stderr  # progress lines go to stderr
+    data = json.loads(out.read_text())
+    assert data["passed"] is True and data["prompt_lengths"] == [5, 131] and data["steps"] == 6
+    assert data["outputs"]["logits"]["steps"] == 2 * 7 and data["first_diverging_layer"] is None
+
+
+# ---------------------------------------------------------------------------- a corrupted copy
+def test_corrupted_export_names_the_first_diverging_layer(corrupted_export):
+    result = CliRunner().invoke(main, ["check", str(corrupted_export), "--steps", "2", "--json",
+                                       str(corrupted_export / "check.json")])
+    assert result.exit_code == 1, result.output
+    assert "first diverging layer: layer 2 (CSA)" in result.stdout
+    assert "FAILED" in result.stdout
+    data = json.loads((corrupted_export / "check.json").read_text())
+    assert data["passed"] is False and data["first_diverging_layer_index"] == 2
+    assert data["first_diverging_step"] == "prompt 0 prefill (200 tokens)"
+    outs = data["outputs"]
+    assert outs["layer0.streams"]["passed"] and outs["layer1.streams"]["passed"]
+    for name in ("layer2.streams", "layer3.streams", "logits"):
+        assert not outs[name]["passed"] and not outs[name]["comparator_passed"], name
+    print(f"\ncorrupted ({CORRUPTED} x 1.01): layer2.streams max rel {outs['layer2.streams']['max_rel']:.3g}, "
+          f"logits max rel {outs['logits']['max_rel']:.3g}, top-1 agreement {data['logits']['top1_agreement']:.2%}")
+
+
+def test_looser_tolerance_lets_the_corruption_through(corrupted_export):
+    """rtol/atol override the precision's defaults (the 1% weight change moves layer 2's streams
+    by ~12% of their largest value; rtol 0.5 or atol 0.2 lets that through)."""
+    r = check(corrupted_export, steps=1, prompts=[[5, 6, 7, 8, 9, 10, 11]], rtol=0.5, atol=0.2)
+    assert r.passed, format_report(r)
+    assert r.outputs["layer2.streams"].max_rel > 1e-4  # the corruption is there, within 10%
+
+
+# ---------------------------------------------------------------------------- the rule itself
+def test_step_rule_nan_never_passes_infinities_match_integers_exact():
+    from engines.check import _diff_stats, _step_fails
+
+    a = np.array([1.0, -np.inf, 0.5], dtype=np.float32)
+    assert not _step_fails(a, a.copy(), 1e-5, 1e-5)  # matching -inf (empty compressor slots) is equal
+    assert _step_fails(np.array([np.nan], np.float32), np.array([np.nan], np.float32), 1.0, 1.0)
+    assert _step_fails(np.array([np.inf], np.float32), np.array([-np.inf], np.float32), 1.0, 1.0)
+    assert _diff_stats(np.array([np.nan], np.float32), np.array([1.0], np.float32))[2]  # flagged as NaN
+    assert not _step_fails(np.array([1.0 + 5e-6]), np.array([1.0]), 1e-5, 1e-5)
+    assert _step_fails(np.array([1.0 + 5e-5]), np.array([1.0]), 1e-5, 1e-5)
+    assert _step_fails(np.array([3, 4]), np.array([3, 5]), 1e9, 1e9)  # integers: exact, whatever the tolerance
+    assert _step_fails(np.zeros((1, 2)), np.zeros((1, 3)), 1.0, 1.0)  # shapes must agree
+
+
+# ---------------------------------------------------------------------------- usage errors
+def _invoke(*args):
+    return CliRunner().invoke(main, ["check", *map(str, args)])
+
+
+def test_missing_directory_is_a_usage_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = _invoke(missing)
+    assert result.exit_code == 2 and str(missing) in result.output and "no such export directory" in result.output
+
+
+def test_directory_without_manifest_is_a_usage_error(tmp_path):
+    result = _invoke(tmp_path)
+    assert result.exit_code == 2, result.output
+    assert str(tmp_path / "manifest.json") in result.output and "no manifest" in result.output
+
+
+def test_file_instead_of_directory_is_a_usage_error(tmp_path):
+    f = tmp_path / "model.onnx"
+    f.write_text("")
+    result = _invoke(f)
+    assert result.exit_code == 2 and str(f) in result.output and "not a directory" in result.output
+
+
+def test_missing_graph_and_bad_prompt_are_usage_errors(flash_export, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(flash_export / "manifest.json", broken / "manifest.json")
+    shutil.copy(flash_export / "prefill.onnx", broken / "prefill.onnx")
+    result = _invoke(broken)
+    assert result.exit_code == 2 and str(broken / "decode.onnx") in result.output
+
+    result = _invoke(flash_export, "--prompt-ids", "1 2 99999")
+    assert result.exit_code == 2 and "99999" in result.output and "vocabulary" in result.output
+    result = _invoke(flash_export, "--steps", "-1")
+    assert result.exit_code == 2
