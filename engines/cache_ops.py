@@ -181,6 +181,13 @@ def ensure_capacity(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec],
     return _resize(cache, layout, target) if target else list(cache)
 
 
+def ensure_capacity_for(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], config: ModelConfig,
+                        max_pos: int) -> list[torch.Tensor]:
+    """Grow the entry dims so a step feeding the token at position `max_pos` fits."""
+    need = entries_needed(config, max_pos)
+    return ensure_capacity(cache, layout, need.get(CSA_ENTRIES, 0), need.get(HCA_ENTRIES, 0))
+
+
 def nbytes(cache: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in cache)
 

@@ -51,6 +51,15 @@ DEFAULT_STEPS = 32
 TOP_K = 5
 # (rtol, atol) per precision; atol is relative to max|ref| of the output in that step (see above).
 DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (1e-2, 1e-2)}
+# Which element errors must be within tolerance. fp32: every element. fp16: 95% of the elements of
+# an output over a phase (Polygraphy's "quantile" statistic): fp16 rounding flips discrete
+# decisions at near-ties (MoE routing, indexer top-k), which moves a few positions by a lot while
+# the rest agree to 1e-3. A corrupted weight moves everything and still fails.
+ERROR_QUANTILE = {"float32": None, "float16": 0.95}
+# At reduced precision one flipped routing/top-k decision legitimately changes a compressed entry
+# (it pools 4 or 128 tokens) and every later state: the verdict then rests on the logits (95% of
+# elements within tolerance, no NaN); cache and per-layer outputs are reported as diagnostics.
+VERDICT_GROUPS = {"float32": ("logits", "cache", "layers"), "float16": ("logits",)}
 GROUPS = ("logits", "cache", "layers")
 
 
@@ -76,6 +85,7 @@ class OutputStats:
     comparator_passed: bool = True  # Polygraphy's compare_accuracy verdict over all steps
     nan: bool = False  # NaN (or a non-matching infinity) somewhere
     shape_mismatch: bool = False
+    diagnostic: bool = False  # reported, not part of the verdict (cache/layers at reduced precision)
 
 
 @dataclass
@@ -328,7 +338,7 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, bool]:
     return m, m / _scale(b64), bad
 
 
-def _step_fails(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
+def _step_fails(a: np.ndarray, b: np.ndarray, rtol: float, atol: float, quantile: float | None = None) -> bool:
     """Polygraphy's element-wise rule on one step (a, b already scaled): an element fails when
     (|a-b| > atol or NaN) and (|a-b| / |b| > rtol or NaN); matching infinities are equal."""
     if a.shape != b.shape:
@@ -340,6 +350,8 @@ def _step_fails(a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> bool:
         d = np.where(np.isinf(a64) & (a64 == b64), 0.0, np.abs(a64 - b64))
         rel = d / np.where(b64 == 0, np.finfo(np.float64).eps, np.abs(b64))
         bad = ((d > atol) | np.isnan(d)) & ((rel > rtol) | np.isnan(rel))
+    if quantile is not None and not np.isnan(d).any():
+        return bool(bad.mean() > 1.0 - quantile)
     return bool(bad.any())
 
 
@@ -464,7 +476,7 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
             if np.issubdtype(a.dtype, np.floating):
                 k = np.float32(_scale(b.astype(np.float64)))
                 a, b = a.astype(np.float32) / k, b.astype(np.float32) / k
-            if _step_fails(a, b, st.rtol, st.atol):
+            if _step_fails(a, b, st.rtol, st.atol, ERROR_QUANTILE[dtype]):
                 failing.add(n)
             buckets[phase][0][n].append(a.reshape(-1))
             buckets[phase][1][n].append(b.reshape(-1))
@@ -529,8 +541,10 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
                 arrays = OrderedDict((n, np.concatenate(parts)) for n, parts in buckets[ph][side].items() if parts)
                 iters.append(pg["IterationResult"](arrays, runtime=phase_time[ph][side], runner_name=runner_name))
             run_results.append((runner_name, iters))
-        compare = pg["simple_compare"](rtol=rt, atol=at, check_error_stat="elemwise",
-                                       infinities_compare_equal=True)
+        quantile = ERROR_QUANTILE[dtype]
+        compare = pg["simple_compare"](rtol=rt, atol=at, infinities_compare_equal=True,
+                                       **({"check_error_stat": "elemwise"} if quantile is None else
+                                          {"check_error_stat": "quantile", "error_quantile": quantile}))
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # statistics of empty entry buffers
             accuracy = _accuracy_result(pg["Comparator"].compare_accuracy(run_results, compare_func=compare))
@@ -544,11 +558,12 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     # ... and the same rule step by step says where it first failed.
     first_failure = first_layer = first_layer_step = None
     layer_names = [f"layer{i}.streams" for i in range(config.num_layers)] if per_layer else []
+    step_verdicts = ERROR_QUANTILE[dtype] is None  # reduced precision: the phase quantile decides
     for label, failing in zip(labels, step_failures):
         for n in out_names:
             if n in failing:
                 st = stats[n]
-                st.passed = False
+                st.passed = st.passed and not step_verdicts
                 st.failed_steps += 1
                 st.first_failure = st.first_failure or label
                 first_failure = first_failure or f"{n} at {label}"
@@ -556,8 +571,10 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
             bad_layers = [i for i, n in enumerate(layer_names) if n in failing]
             if bad_layers:
                 first_layer, first_layer_step = bad_layers[0], label
-    for st in stats.values():  # NaN never passes, whatever the tolerances
-        if st.nan or st.shape_mismatch:
+    for st in stats.values():
+        if st.group not in VERDICT_GROUPS[dtype]:
+            st.diagnostic, st.passed = True, True
+        if st.nan or st.shape_mismatch:  # NaN never passes, whatever the tolerances
             st.passed = False
             st.first_failure = st.first_failure or "(NaN or shape mismatch)"
         if not st.passed and st.failed_steps == 0:  # the comparator failed it, the step rule did not
@@ -603,6 +620,8 @@ def format_report(report: CheckReport) -> str:
         lines += [f"{group}:", header]
         for s in rows:
             result = "ok" if s.passed else ("NaN" if s.nan else "shape" if s.shape_mismatch else "FAIL")
+            if s.diagnostic and s.passed:
+                result = "differs (diagnostic)" if s.failed_steps or not s.comparator_passed else "ok (diagnostic)"
             name = s.name
             if group == "layers" and name.split(".")[0].removeprefix("layer").isdigit():
                 i = int(name.split(".")[0].removeprefix("layer"))
@@ -635,4 +654,4 @@ def write_json(report: CheckReport, path: str | os.PathLike) -> None:
 
 
 __all__ = ["CheckError", "CheckReport", "LogitMetrics", "OutputStats", "check", "format_report", "write_json",
-           "DEFAULT_TOLERANCES", "TorchGraphRunner"]
+           "DEFAULT_TOLERANCES"]  # TorchGraphRunner too, resolved lazily (it subclasses a Polygraphy class)

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from exporter.cache import CSA_ENTRIES, HCA_ENTRIES
 
 from . import cache_ops
 from .backends import Backend
@@ -172,7 +171,7 @@ def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params
     del caches
     while rows:
         max_pos = int(cache_ops.positions(cache, layout).max())
-        cache = cache_ops.ensure_capacity(cache, layout, **_needed(config, max_pos))
+        cache = cache_ops.ensure_capacity_for(cache, layout, config, max_pos)
         logits, cache = backend.decode(torch.tensor(last, dtype=torch.long).view(-1, 1), cache)
         events, keep = emit(rows, logits)
         yield from events
@@ -181,11 +180,6 @@ def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params
                 cache = cache_ops.select(cache, layout, keep)
             rows = [rows[i] for i in keep]
         last = [events[i].token for i in keep]
-
-
-def _needed(config, max_pos: int) -> dict[str, int]:
-    need = cache_ops.entries_needed(config, max_pos)
-    return {"csa_needed": need.get(CSA_ENTRIES, 0), "hca_needed": need.get(HCA_ENTRIES, 0)}
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,

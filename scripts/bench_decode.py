@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 from engines import cache_ops  # noqa: E402
 from engines.backends import OnnxRuntimeBackend, TorchBackend, manifest_config, read_manifest  # noqa: E402
-from exporter.cache import CSA_ENTRIES, HCA_ENTRIES, cache_layout  # noqa: E402
+from exporter.cache import cache_layout  # noqa: E402
 from exporter.config import WINDOW, ModelConfig  # noqa: E402
 from exporter.model import Transformer  # noqa: E402
 from exporter.presets import preset  # noqa: E402
@@ -168,8 +168,7 @@ def synth_cache(config: ModelConfig, context: int, batch: int, seed: int) -> lis
     layout = cache_layout(config, torch.float32)
     g = torch.Generator().manual_seed(seed)
     cache = cache_ops.empty(config, layout, batch)
-    need = cache_ops.entries_needed(config, context)
-    cache = cache_ops.ensure_capacity(cache, layout, need.get(CSA_ENTRIES, 0), need.get(HCA_ENTRIES, 0))
+    cache = cache_ops.ensure_capacity_for(cache, layout, config, context)
     out = []
     for spec, t in zip(layout, cache):
         name = spec.name
@@ -314,7 +313,6 @@ def run(args) -> dict:
                 d = statistics.median(samples[(DENSE_EAGER, b, n)]["wall"][-n_steps:]) * 1e3
                 log(f"pass {p + 1}/{args.passes} N={n:>6} batch {b}: dense eager  {d:8.2f} ms "
                     f"(median of {n_steps}; {time.perf_counter() - t_phase:.1f} s)")
-                del cache, dcache
 
     load_end, uptime_end = loadavg(), uptime_line()
     log(f"machine load at end: {uptime_end}")

@@ -163,3 +163,12 @@ def test_missing_graph_and_bad_prompt_are_usage_errors(flash_export, tmp_path):
     assert result.exit_code == 2 and "99999" in result.output and "vocabulary" in result.output
     result = _invoke(flash_export, "--steps", "-1")
     assert result.exit_code == 2
+
+
+def test_float16_check_passes_on_a_good_export(dense_fp16_export):
+    """fp16: the verdict rests on the logits (95% of elements within 1e-2 of max|ref|, no NaN);
+    cache and per-layer outputs are reported as diagnostics."""
+    report = check(dense_fp16_export, steps=8)
+    assert report.dtype == "float16" and report.passed, format_report(report)
+    assert report.logits.top1_agreement > 0.98
+    assert all(s.diagnostic for s in report.outputs.values() if s.group != "logits")

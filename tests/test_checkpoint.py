@@ -22,7 +22,6 @@ from exporter.checkpoint import (
     expected_tensors, from_transformers_name, load_checkpoint, load_model, pack_fp4,
     quantize_fp8_blockwise, save_checkpoint, to_transformers_name,
 )
-from exporter.config import CSA, HCA, WINDOW
 from exporter.presets import PRESETS, preset
 
 TINY = [n for n in PRESETS if n.startswith("tiny")]

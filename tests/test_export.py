@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -103,9 +101,7 @@ def test_onnxruntime_prefill_and_300_step_decode_match_reference(flash_export):
     worst = 0.0
     for i in range(steps):
         pos = [n + i for n in lengths]
-        need = cache_ops.entries_needed(ref.config, max(pos))
-        cache = cache_ops.ensure_capacity(cache, ort.layout, csa_needed=need.get("csa_entries", 0),
-                                          hca_needed=need.get("hca_entries", 0))
+        cache = cache_ops.ensure_capacity_for(cache, ort.layout, ref.config, max(pos))
         tokens = torch.stack([s[0, p] for s, p in zip(seqs, pos)]).view(2, 1)
         logits, cache = ort.decode(tokens, cache)
         for row, (w, p) in enumerate(zip(want, pos)):
@@ -165,12 +161,6 @@ def test_interrupted_export_leaves_no_partial_files(tmp_path):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
-@pytest.fixture(scope="module")
-def dense_fp16_export(tmp_path_factory):
-    """tiny-dense (window, CSA, HCA layers; dense FFN) exported in float16."""
-    return export_model("tiny-dense", tmp_path_factory.mktemp("export") / "dense16", dtype="float16").out_dir
-
-
 def l2_rel(got: torch.Tensor, want: torch.Tensor) -> float:
     assert not torch.isnan(got).any(), "NaN never passes"
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
@@ -190,9 +180,7 @@ def test_float16_export_matches_float16_reference(dense_fp16_export):
     assert l2_rel(logits[0], want[:300]) < 1e-2
     worst = 0.0
     for p in range(300, 600):
-        need = cache_ops.entries_needed(ref.config, p)
-        cache = cache_ops.ensure_capacity(cache, ort.layout, csa_needed=need.get("csa_entries", 0),
-                                          hca_needed=need.get("hca_entries", 0))
+        cache = cache_ops.ensure_capacity_for(cache, ort.layout, ref.config, p)
         logits, cache = ort.decode(ids[:, p:p + 1], cache)
         err = l2_rel(logits[0, 0], want[p])
         worst = max(worst, err)

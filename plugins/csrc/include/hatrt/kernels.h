@@ -1,0 +1,203 @@
+// hatrt CUDA kernels: plain C++ launchers (no torch, no TensorRT).
+//
+// Each launcher implements one op contract of exporter/ops.py (see exporter/custom_ops.py for the
+// ONNX names):
+//   compress()          GatedCompress / OverlapGatedCompress   (ops.compress_blocks)
+//   indexer_topk()      IndexerTopK                            (ops.indexer_topk)
+//   sparse_attention()  HybridSparseAttention                  (ops.sparse_attention)
+// plus the production KV-cache write / read of the 584-byte FP8 entry (attention-spec section 7):
+//   kv_write_584(), kv_read_584().
+//
+// Conventions
+// - Tensors are dense, row-major, contiguous, with the shapes given per field. Element offsets are
+//   64-bit. Float inputs may be float32, float16 or bfloat16 (each input its own type, as in the
+//   ONNX schemas); index inputs int32 or int64.
+// - All arithmetic is fp32. Outputs: compress -> float32, indexer_topk -> int64, sparse_attention
+//   -> the dtype of q.
+// - Every launcher validates its parameters first and returns cudaErrorInvalidValue without
+//   launching anything when they are unsupported; *_check() returns the reason as text (nullptr
+//   when the parameters are fine), so callers (the TensorRT plugins) can report it.
+// - Launchers are asynchronous on `stream` and return the launch status (cudaGetLastError()).
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <cstddef>
+#include <cstdint>
+
+namespace hatrt
+{
+
+enum class DType : int32_t
+{
+    kFloat32 = 0,
+    kFloat16 = 1,
+    kBFloat16 = 2,
+    //! Production KV entry: uint8 [..., 584] = 448 e4m3 + 64 bf16 + 7 ue8m0 scales + 1 pad byte.
+    //! Only for the KV inputs of sparse_attention (window_kv, entries), with D == 512.
+    kEntry584 = 3,
+};
+
+enum class IndexType : int32_t
+{
+    kInt32 = 0,
+    kInt64 = 1,
+};
+
+// ----------------------------------------------------------------------------- the 584-byte entry
+namespace entry584
+{
+constexpr int kDim = 512;      //!< D: values per entry
+constexpr int kNope = 448;     //!< dims [0, 448): FP8 e4m3, one power-of-two scale per 64 dims
+constexpr int kRope = 64;      //!< dims [448, 512): bf16 (RoPE dims)
+constexpr int kBlock = 64;     //!< FP8 scale block
+constexpr int kNumScales = 7;  //!< kNope / kBlock
+constexpr int kRopeOffset = 448;                 //!< byte offset of the bf16 part
+constexpr int kScaleOffset = 448 + 2 * 64;       //!< byte offset of the ue8m0 scales (576)
+constexpr int kPadOffset = kScaleOffset + 7;     //!< 583, written as 0
+constexpr int kBytes = 584;
+} // namespace entry584
+
+// ----------------------------------------------------------------------------- sparse attention
+//! HybridSparseAttention: one softmax over the sliding window and the selected compressed entries,
+//! with a per-head sink logit in the denominator. Decode (S == 1) and prefill (S > 1) alike.
+struct SparseAttentionParams
+{
+    int64_t B = 0, S = 0; //!< batch, queries per sequence
+    int32_t H = 0;        //!< query heads
+    int32_t D = 0;        //!< entry / head width (multiple of 8, <= 512; 512 for kEntry584)
+    int64_t L = 0;        //!< window candidates per sequence
+    int64_t N = 0;        //!< compressed entries per sequence (0 allowed)
+    int64_t K = 0;        //!< selected entries per query (0 allowed)
+    int32_t window = 0;   //!< key j is in query t's window when 0 <= t - window_pos[j] < window
+    float scale = 0.F;    //!< logit scale (1/sqrt(D) in V4)
+
+    void const* q = nullptr;          //!< [B, S, H, D] q_dtype
+    DType q_dtype = DType::kFloat32;
+    void const* q_pos = nullptr;      //!< [B, S]
+    IndexType q_pos_type = IndexType::kInt64;
+    void const* window_kv = nullptr;  //!< [B, L, D] kv_dtype (or [B, L, 584] bytes)
+    void const* window_pos = nullptr; //!< [B, L], -1 = empty slot
+    IndexType window_pos_type = IndexType::kInt64;
+    void const* entries = nullptr;    //!< [B, N, D] kv_dtype (or [B, N, 584] bytes)
+    void const* entry_idx = nullptr;  //!< [B, S, K], -1 = none; indices >= N are ignored too
+    IndexType entry_idx_type = IndexType::kInt64;
+    DType kv_dtype = DType::kFloat32; //!< dtype of window_kv AND entries
+    void const* sink = nullptr;       //!< [H]
+    DType sink_dtype = DType::kFloat32;
+    void* out = nullptr;              //!< [B, S, H, D] in q_dtype
+
+    //! Optional fp32 scratch for splitting long key lists over several blocks (flash-decoding).
+    //! With too little (or none) the kernel runs unsplit: still correct, fewer blocks in flight.
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+    int32_t num_sms = 0; //!< 0: read from the current device
+};
+
+char const* sparse_attention_check(SparseAttentionParams const& p);
+//! Scratch that lets sparse_attention() split keys whenever that helps, for any B * S.
+size_t sparse_attention_workspace_bytes(int32_t H, int32_t D, int32_t num_sms);
+cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- indexer + top-k
+//! IndexerTopK: I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]) over the visible entries
+//! s < (t + 1) // ratio, then the top-k in rank order (score descending, lower index first on
+//! equal scores), -1 padded to width topk. Radix select, not a sort of all candidates.
+struct IndexerTopKParams
+{
+    int64_t B = 0, S = 0;
+    int32_t Hi = 0;  //!< indexer heads (<= 128)
+    int32_t Di = 0;  //!< indexer head width (<= 256)
+    int64_t N = 0;   //!< compressed entries (0 allowed)
+    int32_t ratio = 0;
+    int32_t topk = 0;           //!< output width (1..4096)
+    bool bf16_scores = false;   //!< round scores to bf16 before ranking (production)
+
+    void const* q = nullptr;       //!< [B, S, Hi, Di]
+    DType q_dtype = DType::kFloat32;
+    void const* weights = nullptr; //!< [B, S, Hi]
+    DType weights_dtype = DType::kFloat32;
+    void const* keys = nullptr;    //!< [B, N, Di]
+    DType keys_dtype = DType::kFloat32;
+    void const* q_pos = nullptr;   //!< [B, S]
+    IndexType q_pos_type = IndexType::kInt64;
+    int64_t* out = nullptr;        //!< [B, S, topk]
+
+    //! Score scratch (fp32, one row of N per query in flight). Needed when a query's visible
+    //! scores do not fit in shared memory, and used to spread the scoring of few, long rows over
+    //! the whole GPU. Rows are processed in batches that fit; at least N * 4 bytes when needed.
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+    int32_t num_sms = 0;
+};
+
+char const* indexer_topk_check(IndexerTopKParams const& p);
+//! Scratch for the fastest path at these sizes (capped at `cap` bytes; >= N * 4 when N > 0).
+size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap = size_t(256) << 20);
+cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- compressor
+//! GatedCompress (overlap == false) / OverlapGatedCompress (overlap == true): per-channel softmax
+//! pooling over the m slots of each complete block (CSA: the previous block's first halves, then
+//! the current block's second halves), RMSNorm with weight, RoPE at the block's first position on
+//! the last r dims (interleaved pairs), then the optional fake quantization:
+//!   quant 0 none; 1 FP8 e4m3 on dims [0, D - r) in blocks of 64 (power-of-two scales);
+//!   2 Hadamard over D, then FP4 e2m1 in blocks of 32 (power-of-two scales).
+struct CompressParams
+{
+    int64_t B = 0, N = 0; //!< batch, blocks (>= 1)
+    int32_t m = 0;        //!< tokens per block (slots; CSA pools 2m)
+    int32_t D = 0;        //!< entry width (<= 1024)
+    int32_t r = 0;        //!< RoPE dims = 2 * cos.shape[-1] (even, <= D)
+    bool overlap = false; //!< CSA
+    float eps = 1e-6F;
+    int32_t quant = 0;
+
+    void const* kv = nullptr;         //!< [B, N, m, W], W = D (HCA) or 2D (CSA)
+    DType kv_dtype = DType::kFloat32;
+    void const* score = nullptr;      //!< [B, N, m, W] (positional bias already added)
+    DType score_dtype = DType::kFloat32;
+    void const* prev_kv = nullptr;    //!< CSA: [B, m, D] first halves of the block before block 0
+    DType prev_kv_dtype = DType::kFloat32;
+    void const* prev_score = nullptr; //!< CSA: [B, m, D] (-inf = no previous block)
+    DType prev_score_dtype = DType::kFloat32;
+    void const* norm_weight = nullptr; //!< [D]
+    DType norm_weight_dtype = DType::kFloat32;
+    void const* cos = nullptr;        //!< [B, N, r / 2]
+    DType cos_dtype = DType::kFloat32;
+    void const* sin = nullptr;        //!< [B, N, r / 2]
+    DType sin_dtype = DType::kFloat32;
+
+    float* out = nullptr;             //!< [B, N, D] float32 (may be null when only `cache` is written)
+    //! Optional fused cache write of each finished entry in the 584-byte layout (needs D == 512,
+    //! r == 64, quant == 1: the cache then dequantizes exactly to `out`, RoPE dims rounded to bf16).
+    uint8_t* cache = nullptr;         //!< [rows, 584]
+    void const* cache_slot = nullptr; //!< [B, N] row of `cache` per entry (<0: skip); null: b * N + i
+    IndexType cache_slot_type = IndexType::kInt64;
+};
+
+char const* compress_check(CompressParams const& p);
+cudaError_t compress(CompressParams const& p, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- KV cache write/read
+//! Quantize n vectors of 512 values into 584-byte entries: dims [0, 448) to FP8 e4m3 with one
+//! power-of-two scale per 64 (2^ceil(log2(max(amax, 1e-4) / 448)), stored as ue8m0 = exponent +
+//! 127), dims [448, 512) rounded to bf16, pad byte 0. The dequantized entry equals
+//! exporter.quant.fake_quant_fp8 of the non-RoPE dims (and bf16 RoPE dims).
+struct KvWriteParams
+{
+    int64_t n = 0;
+    void const* src = nullptr;   //!< [n, 512]
+    DType src_dtype = DType::kFloat32;
+    void const* slot = nullptr;  //!< [n] destination row in `cache` (<0: skip); null: row i
+    IndexType slot_type = IndexType::kInt64;
+    uint8_t* cache = nullptr;    //!< [rows, 584]
+};
+
+char const* kv_write_584_check(KvWriteParams const& p);
+cudaError_t kv_write_584(KvWriteParams const& p, cudaStream_t stream);
+
+//! Dequantize n entries (rows slot[i], or i when slot is null) into float32 [n, 512].
+cudaError_t kv_read_584(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream);
+
+} // namespace hatrt

@@ -1,0 +1,511 @@
+// IndexerTopK (exporter/ops.py: indexer_topk): weighted-ReLU indexer scores fused with a
+// fixed-width top-k by radix select.
+//
+//   I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]),  visible s < (t + 1) // ratio
+//   out[t]  = the top-k visible s in rank order: score descending, LOWER INDEX FIRST on equal
+//             scores (the documented tie rule), -1 padded to width topk.
+//
+// Scoring: a block stages 64 keys (transposed, fp32) and the row's queries in shared memory; each
+// thread accumulates 4 keys x 4 heads (fp32 FMA), applies ReLU and the head weight, and the 16
+// head groups are reduced through shared memory.
+// Selection (block_topk): scores are mapped to order-preserving 32-bit keys (-0 -> +0 so equal
+// scores have equal keys), four 8-bit radix passes find the k-th largest key T and how many keys
+// equal to T are needed; the block then takes every key > T and the lowest-index keys == T (an
+// ordered block scan), and sorts only those k (key, index) pairs (bitonic, in shared memory).
+// Paths: fused (one block per query: score into shared memory, select) when the visible scores fit
+// and there are enough rows to fill the GPU; otherwise a grid-wide scoring kernel writes scores to
+// the workspace and one block per row selects from there.
+#include "../common.cuh"
+
+#include <cmath>
+
+namespace hatrt
+{
+namespace detail
+{
+namespace
+{
+
+constexpr int kThreads = 256;
+constexpr int kTileN = 64;    // keys per scoring tile
+constexpr int kHeadBlock = 64; // heads per pass (16 groups x 4)
+constexpr int kMaxHeads = 128;
+constexpr int kMaxDi = 256;
+constexpr int kMaxTopK = 4096;
+
+struct IxArgs
+{
+    int64_t S, N;
+    int32_t Hi, Hp, Di, ratio, topk;
+    bool bf16;
+    void const* q;
+    DType q_dtype;
+    void const* w;
+    DType w_dtype;
+    void const* keys;
+    DType k_dtype;
+    void const* q_pos;
+    IndexType q_pos_type;
+    int64_t* out;
+    float* ws;        // scores scratch [rows_in_batch, N]
+    int64_t row0;     // first row of this batch (score scratch row = row - row0)
+    int32_t n_chunk;  // split scoring: keys per block
+};
+
+__device__ __forceinline__ int64_t visible_count(IxArgs const& a, int64_t row)
+{
+    int64_t const t = load_idx(a.q_pos, a.q_pos_type, row);
+    int64_t v = floor_div(t + 1, a.ratio);
+    v = v < 0 ? 0 : v;
+    return v < a.N ? v : a.N;
+}
+
+//! Order-preserving key of a score: larger score -> larger key; -0 and +0 share one key.
+__device__ __forceinline__ uint32_t order_key(float f)
+{
+    if (f == 0.F)
+        f = 0.F;
+    uint32_t const u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// ----------------------------------------------------------------------------- scoring
+//! Scoring smem: q^T [Di][Hp], w [Hp], keys^T [Di][kTileN + 4], partial sums [16][kTileN].
+size_t score_smem_floats(int Hp, int Di)
+{
+    return size_t(Di) * Hp + Hp + size_t(Di) * (kTileN + 4) + 16 * kTileN;
+}
+
+__device__ void load_query(IxArgs const& a, int64_t row, float* sqt, float* sw)
+{
+    for (int i = threadIdx.x; i < a.Hp * a.Di; i += kThreads)
+    {
+        int const h = i / a.Di, d = i - h * a.Di;
+        sqt[d * a.Hp + h] = h < a.Hi ? load_f(a.q, a.q_dtype, (row * a.Hi + h) * a.Di + d) : 0.F;
+    }
+    for (int h = threadIdx.x; h < a.Hp; h += kThreads)
+        sw[h] = h < a.Hi ? load_f(a.w, a.w_dtype, row * a.Hi + h) : 0.F;
+}
+
+//! Scores of keys [n_begin, n_end) of row `row` (batch b) -> dst[n] (fp32, bf16-rounded if asked).
+__device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, float const* sqt,
+    float const* sw, float* skt, float* sred, float* dst)
+{
+    int const tid = threadIdx.x;
+    int const eg = tid % 16, hg = tid / 16;
+    int const kp = kTileN + 4;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN)
+    {
+        __syncthreads();
+        for (int i = tid; i < kTileN * a.Di; i += kThreads)
+        {
+            int const j = i / a.Di, d = i - j * a.Di;
+            int64_t const n = n0 + j;
+            skt[d * kp + j] = n < n_end ? load_f(a.keys, a.k_dtype, (b * a.N + n) * a.Di + d) : 0.F;
+        }
+        __syncthreads();
+        float part[4] = {0.F, 0.F, 0.F, 0.F};
+        for (int hb = 0; hb < a.Hp; hb += kHeadBlock)
+        {
+            float acc[4][4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    acc[e][j] = 0.F;
+            float const* qcol = sqt + hb + hg;
+#pragma unroll 4
+            for (int d = 0; d < a.Di; ++d)
+            {
+                float4 const kv = *reinterpret_cast<float4 const*>(skt + d * kp + eg * 4);
+                float const* qd = qcol + d * a.Hp;
+                float const qv[4] = {qd[0], qd[16], qd[32], qd[48]};
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                {
+                    acc[0][j] = fmaf(kv.x, qv[j], acc[0][j]);
+                    acc[1][j] = fmaf(kv.y, qv[j], acc[1][j]);
+                    acc[2][j] = fmaf(kv.z, qv[j], acc[2][j]);
+                    acc[3][j] = fmaf(kv.w, qv[j], acc[3][j]);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+            {
+                float const wj = sw[hb + hg + 16 * j];
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    part[e] = fmaf(wj, fmaxf(acc[e][j], 0.F), part[e]);
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            sred[hg * kTileN + eg * 4 + e] = part[e];
+        __syncthreads();
+        if (tid < kTileN && n0 + tid < n_end)
+        {
+            float s = 0.F;
+#pragma unroll
+            for (int g = 0; g < 16; ++g)
+                s += sred[g * kTileN + tid];
+            if (a.bf16)
+                s = __bfloat162float(__float2bfloat16_rn(s));
+            dst[n0 + tid] = s;
+        }
+    }
+    __syncthreads();
+}
+
+// ----------------------------------------------------------------------------- selection
+struct SelectSmem
+{
+    unsigned long long pairs[kMaxTopK]; // (~key << 32) | index, sorted ascending = rank order
+    int hist[256];
+    int warp_tot[kThreads / 32];
+    int count;
+    int digit;
+    int need;
+};
+
+//! Top-k of scores[0, n) in rank order -> out[0, k), -1 padded. Whole block; scores may live in
+//! shared or global memory.
+__device__ void block_topk(float const* scores, int64_t n, int k, int64_t* out, SelectSmem& sm)
+{
+    int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    if (tid == 0)
+        sm.count = 0;
+    __syncthreads();
+    uint32_t thr = 0;   // the k-th largest key (when n > k)
+    int need_eq = 0;    // how many keys == thr to take, lowest indices first
+    if (n > k)
+    {
+        uint32_t prefix = 0, mask = 0;
+        int need = k;
+        for (int shift = 24; shift >= 0; shift -= 8)
+        {
+            for (int i = tid; i < 256; i += kThreads)
+                sm.hist[i] = 0;
+            __syncthreads();
+            for (int64_t i = tid; i < n; i += kThreads)
+            {
+                uint32_t const key = order_key(scores[i]);
+                if ((key & mask) == prefix)
+                    atomicAdd(&sm.hist[(key >> shift) & 0xFF], 1);
+            }
+            __syncthreads();
+            if (warp == 0)
+            {
+                // lane l owns digits 255 - 8l .. 248 - 8l (descending)
+                int c[8], tot = 0;
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+                {
+                    c[j] = sm.hist[255 - (lane * 8 + j)];
+                    tot += c[j];
+                }
+                int incl = tot;
+#pragma unroll
+                for (int o = 1; o < 32; o <<= 1)
+                {
+                    int const v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+                    if (lane >= o)
+                        incl += v;
+                }
+                int const excl = incl - tot;
+                if (excl < need && need <= incl)
+                {
+                    int run = excl;
+#pragma unroll
+                    for (int j = 0; j < 8; ++j)
+                    {
+                        if (run + c[j] >= need)
+                        {
+                            sm.digit = 255 - (lane * 8 + j);
+                            sm.need = need - run;
+                            break;
+                        }
+                        run += c[j];
+                    }
+                }
+            }
+            __syncthreads();
+            prefix |= uint32_t(sm.digit) << shift;
+            mask |= 0xFFu << shift;
+            need = sm.need;
+            __syncthreads();
+        }
+        thr = prefix;
+        need_eq = need;
+
+        // every key > thr
+        for (int64_t i = tid; i < n; i += kThreads)
+        {
+            uint32_t const key = order_key(scores[i]);
+            if (key > thr)
+            {
+                int const slot = atomicAdd(&sm.count, 1);
+                sm.pairs[slot] = (static_cast<unsigned long long>(~key) << 32) | static_cast<uint32_t>(i);
+            }
+        }
+        __syncthreads();
+        // the first need_eq keys == thr in index order (ordered block scan over chunks)
+        int taken = 0;
+        int const base_count = sm.count;
+        __syncthreads();
+        for (int64_t start = 0; start < n && taken < need_eq; start += kThreads)
+        {
+            int64_t const i = start + tid;
+            bool const flag = i < n && order_key(scores[i]) == thr;
+            unsigned const ballot = __ballot_sync(0xFFFFFFFFu, flag);
+            if (lane == 0)
+                sm.warp_tot[warp] = __popc(ballot);
+            __syncthreads();
+            int before = 0, total = 0;
+#pragma unroll
+            for (int w = 0; w < kThreads / 32; ++w)
+            {
+                int const c = sm.warp_tot[w];
+                before += w < warp ? c : 0;
+                total += c;
+            }
+            int const rank = taken + before + __popc(ballot & ((1u << lane) - 1u));
+            if (flag && rank < need_eq)
+                sm.pairs[base_count + rank] = (static_cast<unsigned long long>(~thr) << 32) | static_cast<uint32_t>(i);
+            taken += total; // uniform
+            __syncthreads();
+        }
+        if (tid == 0)
+            sm.count = k;
+        __syncthreads();
+    }
+    else
+    {
+        for (int64_t i = tid; i < n; i += kThreads)
+            sm.pairs[i] = (static_cast<unsigned long long>(~order_key(scores[i])) << 32) | static_cast<uint32_t>(i);
+        if (tid == 0)
+            sm.count = int(n);
+        __syncthreads();
+    }
+
+    // bitonic sort of the selected pairs (padded to a power of two with the largest value)
+    int const cnt = sm.count;
+    int size = 1;
+    while (size < cnt)
+        size <<= 1;
+    for (int i = cnt + tid; i < size; i += kThreads)
+        sm.pairs[i] = ~0ULL;
+    __syncthreads();
+    for (int len = 2; len <= size; len <<= 1)
+    {
+        for (int stride = len >> 1; stride > 0; stride >>= 1)
+        {
+            for (int i = tid; i < size; i += kThreads)
+            {
+                int const j = i ^ stride;
+                if (j > i)
+                {
+                    unsigned long long const x = sm.pairs[i], y = sm.pairs[j];
+                    bool const up = (i & len) == 0;
+                    if ((x > y) == up)
+                    {
+                        sm.pairs[i] = y;
+                        sm.pairs[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (int i = tid; i < k; i += kThreads)
+        out[i] = i < cnt ? int64_t(static_cast<uint32_t>(sm.pairs[i] & 0xFFFFFFFFu)) : int64_t(-1);
+}
+
+// ----------------------------------------------------------------------------- kernels
+//! One block per query row: score every visible key, then select. Scores live in shared memory
+//! (kSmemScores) or in the row's workspace slot.
+template <bool kSmemScores>
+__global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
+{
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    __shared__ SelectSmem sel;
+    int64_t const row = a.row0 + blockIdx.x;
+    int64_t const b = row / a.S;
+    int64_t const n = visible_count(a, row);
+    float* sqt = smem;
+    float* sw = sqt + size_t(a.Di) * a.Hp;
+    float* skt = sw + a.Hp;
+    float* sred = skt + size_t(a.Di) * (kTileN + 4);
+    float* scores = kSmemScores ? sred + 16 * kTileN : a.ws + size_t(blockIdx.x) * a.N;
+    if (n > 0)
+    {
+        load_query(a, row, sqt, sw);
+        score_range(a, b, 0, n, sqt, sw, skt, sred, scores);
+    }
+    block_topk(scores, n, a.topk, a.out + row * a.topk, sel);
+}
+
+//! Grid-wide scoring for few, long rows: block (chunk, row) scores keys [chunk * n_chunk, ...).
+__global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
+{
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    int64_t const row = a.row0 + blockIdx.y;
+    int64_t const n = visible_count(a, row);
+    int64_t const begin = int64_t(blockIdx.x) * a.n_chunk;
+    if (begin >= n)
+        return;
+    int64_t const end = begin + a.n_chunk < n ? begin + a.n_chunk : n;
+    float* sqt = smem;
+    float* sw = sqt + size_t(a.Di) * a.Hp;
+    float* skt = sw + a.Hp;
+    float* sred = skt + size_t(a.Di) * (kTileN + 4);
+    load_query(a, row, sqt, sw);
+    score_range(a, row / a.S, begin, end, sqt, sw, skt, sred, a.ws + size_t(blockIdx.y) * a.N);
+}
+
+__global__ void __launch_bounds__(kThreads) indexer_select_kernel(IxArgs a)
+{
+    __shared__ SelectSmem sel;
+    int64_t const row = a.row0 + blockIdx.x;
+    block_topk(a.ws + size_t(blockIdx.x) * a.N, visible_count(a, row), a.topk, a.out + row * a.topk, sel);
+}
+
+} // namespace
+} // namespace detail
+
+char const* indexer_topk_check(IndexerTopKParams const& p)
+{
+    using namespace detail;
+    if (p.B < 0 || p.S < 0 || p.N < 0)
+        return "indexer_topk: negative dimension";
+    if (p.Hi <= 0 || p.Hi > kMaxHeads)
+        return "indexer_topk: indexer heads must be in [1, 128]";
+    if (p.Di <= 0 || p.Di > kMaxDi)
+        return "indexer_topk: indexer head width must be in [1, 256]";
+    if (p.ratio <= 0)
+        return "indexer_topk: ratio must be positive";
+    if (p.topk <= 0 || p.topk > kMaxTopK)
+        return "indexer_topk: topk must be in [1, 4096]";
+    if (p.N > 0xFFFFFFFFLL)
+        return "indexer_topk: more than 2^32 - 1 entries";
+    if (!is_float_dtype(p.q_dtype) || !is_float_dtype(p.weights_dtype) || !is_float_dtype(p.keys_dtype))
+        return "indexer_topk: q, weights and keys must be float32, float16 or bfloat16";
+    if (p.B * p.S > 0x7FFFFFFFLL)
+        return "indexer_topk: B * S exceeds 2^31 - 1";
+    if (p.B * p.S == 0)
+        return nullptr;
+    if (!p.q || !p.weights || !p.q_pos || !p.out || (p.N > 0 && !p.keys))
+        return "indexer_topk: null input or output pointer";
+    if (p.workspace && !aligned(p.workspace, 16))
+        return "indexer_topk: workspace must be 16-byte aligned";
+    return nullptr;
+}
+
+size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap)
+{
+    if (N <= 0 || rows <= 0)
+        return 0;
+    size_t const row_bytes = size_t(N) * sizeof(float);
+    size_t const all = row_bytes * size_t(rows);
+    size_t const bytes = all < cap ? all : cap;
+    return bytes < row_bytes ? row_bytes : bytes;
+}
+
+cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
+{
+    using namespace detail;
+    if (indexer_topk_check(p) != nullptr)
+        return cudaErrorInvalidValue;
+    int64_t const rows = p.B * p.S;
+    if (rows == 0)
+        return cudaSuccess;
+
+    IxArgs a{};
+    a.S = p.S, a.N = p.N;
+    a.Hi = p.Hi, a.Hp = (p.Hi + kHeadBlock - 1) / kHeadBlock * kHeadBlock, a.Di = p.Di;
+    a.ratio = p.ratio, a.topk = p.topk, a.bf16 = p.bf16_scores;
+    a.q = p.q, a.q_dtype = p.q_dtype, a.w = p.weights, a.w_dtype = p.weights_dtype;
+    a.keys = p.keys, a.k_dtype = p.keys_dtype, a.q_pos = p.q_pos, a.q_pos_type = p.q_pos_type;
+    a.out = p.out;
+
+    int const sms = device_num_sms(p.num_sms);
+    int const optin = device_smem_optin();
+    size_t const score_smem = score_smem_floats(a.Hp, a.Di) * sizeof(float);
+    size_t const select_smem = sizeof(SelectSmem);
+    size_t const fused_smem = score_smem + size_t(p.N) * sizeof(float);
+    size_t const row_bytes = size_t(p.N) * sizeof(float);
+    int64_t const ws_rows = (p.workspace && row_bytes > 0) ? int64_t(p.workspace_bytes / row_bytes) : 0;
+
+    // 1) fused, scores in shared memory: enough rows to fill the GPU (or no workspace to split)
+    if (fused_smem + select_smem <= size_t(optin) && (rows >= sms || ws_rows == 0))
+    {
+        auto kernel = indexer_fused_kernel<true>;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
+        if (err != cudaSuccess)
+            return err;
+        a.row0 = 0;
+        kernel<<<unsigned(rows), kThreads, fused_smem, stream>>>(a);
+        return cudaGetLastError();
+    }
+    if (p.N == 0)
+    {
+        // nothing visible anywhere: the fused kernel only pads (scores never read)
+        auto kernel = indexer_fused_kernel<false>;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+        if (err != cudaSuccess)
+            return err;
+        a.row0 = 0;
+        kernel<<<unsigned(rows), kThreads, score_smem, stream>>>(a);
+        return cudaGetLastError();
+    }
+    if (ws_rows == 0)
+        return cudaErrorInvalidValue; // scores do not fit in shared memory and no workspace was given
+    if (score_smem + select_smem > size_t(optin))
+        return cudaErrorInvalidValue;
+
+    a.ws = static_cast<float*>(p.workspace);
+    cudaError_t err = cudaSuccess;
+    if (rows >= sms)
+    {
+        // 2) fused, scores in the workspace (long rows, many of them)
+        auto kernel = indexer_fused_kernel<false>;
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+        if (err != cudaSuccess)
+            return err;
+        for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
+        {
+            a.row0 = r0;
+            int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
+            kernel<<<unsigned(nr), kThreads, score_smem, stream>>>(a);
+            if ((err = cudaGetLastError()) != cudaSuccess)
+                return err;
+        }
+        return cudaSuccess;
+    }
+    // 3) few rows: score over the whole GPU, then one selecting block per row
+    err = cudaFuncSetAttribute(indexer_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+    if (err != cudaSuccess)
+        return err;
+    for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
+    {
+        a.row0 = r0;
+        int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
+        int64_t chunks = (4 * int64_t(sms) + nr - 1) / nr;
+        int64_t const max_chunks = (p.N + kTileN - 1) / kTileN;
+        chunks = chunks < max_chunks ? chunks : max_chunks;
+        int64_t n_chunk = (p.N + chunks - 1) / chunks;
+        n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
+        a.n_chunk = int32_t(n_chunk);
+        dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
+        indexer_score_kernel<<<grid, kThreads, score_smem, stream>>>(a);
+        if ((err = cudaGetLastError()) != cudaSuccess)
+            return err;
+        indexer_select_kernel<<<unsigned(nr), kThreads, 0, stream>>>(a);
+        if ((err = cudaGetLastError()) != cudaSuccess)
+            return err;
+    }
+    return cudaSuccess;
+}
+
+} // namespace hatrt

@@ -1,0 +1,146 @@
+// The production KV-cache entry (attention-spec section 7, FlashMLA "MODEL1" layout), 584 bytes:
+//   [0, 448)    FP8 e4m3 of dims 0..447, one power-of-two scale per 64 dims
+//   [448, 576)  bf16 of dims 448..511 (the RoPE dims)
+//   [576, 583)  7 ue8m0 scales (biased exponents: scale = 2^(byte - 127))
+//   [583]       pad (0)
+// kv_write_584 quantizes new window tokens (or any 512-wide vectors) into that layout; the scale of
+// a block is exporter.quant.pow2_scale(amax, 448), so the dequantized entry equals fake_quant_fp8.
+// One warp per vector; lane l owns dims [16 l, 16 l + 16): lanes 0..27 the FP8 part (4 lanes per
+// scale block), lanes 28..31 the bf16 part.
+#include "../common.cuh"
+
+namespace hatrt
+{
+namespace detail
+{
+namespace
+{
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+__global__ void __launch_bounds__(kThreads) kv_write_584_kernel(KvWriteParams p)
+{
+    int const lane = threadIdx.x % 32;
+    int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (v >= p.n)
+        return;
+    int64_t const row = p.slot ? load_idx(p.slot, p.slot_type, v) : v;
+    if (row < 0)
+        return;
+    float x[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+        x[i] = load_f(p.src, p.src_dtype, v * entry584::kDim + lane * 16 + i);
+    uint8_t* dst = p.cache + row * entry584::kBytes;
+    float amax = 0.F;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+        amax = fmaxf(amax, fabsf(x[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+    if (lane < entry584::kNope / 16)
+    {
+        float const scale = pow2_scale(amax, kFp8Max);
+        uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            w[i / 4] |= uint32_t(e4m3_of(fminf(fmaxf(x[i] / scale, -kFp8Max), kFp8Max))) << (8 * (i % 4));
+        uint2* out = reinterpret_cast<uint2*>(dst + lane * 16);
+        out[0] = make_uint2(w[0], w[1]);
+        out[1] = make_uint2(w[2], w[3]);
+        if (lane % 4 == 0)
+            dst[entry584::kScaleOffset + lane / 4] = ue8m0_of(scale);
+    }
+    else
+    {
+        uint32_t w[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+        {
+            uint32_t const lo = __bfloat16_as_ushort(__float2bfloat16_rn(x[2 * i]));
+            uint32_t const hi = __bfloat16_as_ushort(__float2bfloat16_rn(x[2 * i + 1]));
+            w[i] = lo | (hi << 16);
+        }
+        uint2* out = reinterpret_cast<uint2*>(dst + entry584::kRopeOffset + (lane - entry584::kNope / 16) * 32);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            out[i] = make_uint2(w[2 * i], w[2 * i + 1]);
+        if (lane == entry584::kNope / 16)
+            dst[entry584::kPadOffset] = 0;
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) kv_read_584_kernel(
+    int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out)
+{
+    int const lane = threadIdx.x % 32;
+    int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (v >= n)
+        return;
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
+    Entry584Loader const ld{cache};
+    float x[8];
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+    {
+        int const d0 = lane * 16 + half * 8;
+        if (row >= 0)
+            ld.load8(row, d0, x);
+        else
+        {
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                x[i] = 0.F;
+        }
+        float4* o = reinterpret_cast<float4*>(out + v * entry584::kDim + d0);
+        o[0] = make_float4(x[0], x[1], x[2], x[3]);
+        o[1] = make_float4(x[4], x[5], x[6], x[7]);
+    }
+}
+
+} // namespace
+} // namespace detail
+
+char const* kv_write_584_check(KvWriteParams const& p)
+{
+    using namespace detail;
+    if (p.n < 0)
+        return "kv_write_584: negative count";
+    if (!is_float_dtype(p.src_dtype))
+        return "kv_write_584: source must be float32, float16 or bfloat16";
+    if (p.n == 0)
+        return nullptr;
+    if (!p.src || !p.cache)
+        return "kv_write_584: null pointer";
+    if (!aligned(p.cache, 8))
+        return "kv_write_584: cache must be 8-byte aligned";
+    if ((p.n + kWarps - 1) / kWarps > 0x7FFFFFFFLL)
+        return "kv_write_584: too many vectors";
+    return nullptr;
+}
+
+cudaError_t kv_write_584(KvWriteParams const& p, cudaStream_t stream)
+{
+    using namespace detail;
+    if (kv_write_584_check(p) != nullptr)
+        return cudaErrorInvalidValue;
+    if (p.n == 0)
+        return cudaSuccess;
+    kv_write_584_kernel<<<unsigned((p.n + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+cudaError_t kv_read_584(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream)
+{
+    using namespace detail;
+    if (n < 0 || (n > 0 && (!cache || !out || !aligned(cache, 8) || !aligned(out, 16))))
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    kv_read_584_kernel<<<unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream>>>(n, cache, slot, slot_type, out);
+    return cudaGetLastError();
+}
+
+} // namespace hatrt

@@ -1,0 +1,412 @@
+// HybridSparseAttention (exporter/ops.py: sparse_attention): one online softmax over the sliding
+// window and the selected compressed entries, with a per-head sink in the denominator only.
+//
+// Work split: one block per (query row, group of 16 heads, key split). All heads of a row share
+// the same keys (one KV head; every vector is both key and value), so a block stages a tile of 16
+// keys in shared memory once (dequantized to fp32 by the KV loader: plain tensors or the 584-byte
+// FP8 entry) and uses it for its 16 heads: 16 x 16 logits, the online-softmax update, then
+// acc[16 heads][D] += p * v. Keys are the virtual list [window slots 0..L) ++ [selected entries
+// 0..K); invalid keys (outside the window, -1 / out-of-range indices) get probability 0, and tiles
+// without any valid key are skipped before any KV byte is read.
+// When B * S * head-groups is too small to fill the GPU the key list is split over blocks and a
+// second kernel merges the partial (max, sum, acc) triples with the sink (flash-decoding).
+// Arithmetic: fp32 on CUDA cores (exp2 with the scale folded into q). Correctness-first: the
+// tensor-core (mma / wgmma) variant is future work, see docs/plugins.md.
+#include "../common.cuh"
+
+#include <cmath>
+
+namespace hatrt
+{
+namespace detail
+{
+namespace
+{
+
+constexpr int kThreads = 256;
+constexpr int kHeads = 16;  // heads per block
+constexpr int kTile = 16;   // keys per tile
+constexpr int kMaxD = 512;  // 64 threads x 8 dims in the PV phase
+
+struct SaArgs
+{
+    int64_t rows, S, L, N, K;
+    int32_t H, D, window;
+    float scale_log2; // scale * log2(e)
+    void const* q;
+    DType q_dtype;
+    void const* q_pos;
+    IndexType q_pos_type;
+    void const* window_pos;
+    IndexType window_pos_type;
+    void const* entry_idx;
+    IndexType entry_idx_type;
+    void const* sink;
+    DType sink_dtype;
+    void* out;
+    int32_t splits, tiles_per_split;
+    float* ws_acc; // [splits, rows, H, D]
+    float* ws_ml;  // [splits, rows, H, 2]
+};
+
+size_t smem_bytes(int D)
+{
+    int const pitch = D + 4;
+    return sizeof(float) * (size_t(kHeads + kTile) * pitch + kHeads * kTile + kHeads + 2 * kHeads);
+}
+
+template <class Loader>
+__global__ void __launch_bounds__(kThreads) sparse_attention_kernel(SaArgs a, Loader win, Loader ent)
+{
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    int const D = a.D;
+    int const pitch = D + 4;
+    float* sq = smem;                        // [kHeads][pitch]  q * scale * log2(e)
+    float* skv = sq + kHeads * pitch;        // [kTile][pitch]   dequantized keys/values
+    float* sp = skv + kTile * pitch;         // [kHeads][kTile]  probabilities of the tile
+    float* salpha = sp + kHeads * kTile;     // [kHeads]         rescale of the running sums
+    float* sml = salpha + kHeads;            // [kHeads][2]      final (max, sum)
+    __shared__ int64_t s_row[kTile];         // source row (-1: invalid key)
+    __shared__ int s_ent[kTile];             // 1: row of `entries`, 0: row of `window_kv`
+
+    int const tid = threadIdx.x;
+    int64_t const row = blockIdx.x; // b * S + s
+    int const h0 = blockIdx.y * kHeads;
+    int const split = blockIdx.z;
+    int64_t const b = row / a.S;
+    int64_t const t = load_idx(a.q_pos, a.q_pos_type, row);
+
+    for (int i = tid; i < kHeads * D; i += kThreads)
+    {
+        int const hh = i / D, d = i - hh * D;
+        int const h = h0 + hh;
+        sq[hh * pitch + d] = h < a.H ? load_f(a.q, a.q_dtype, (row * a.H + h) * D + d) * a.scale_log2 : 0.F;
+    }
+
+    // logits layout: thread -> (head lh, key lk); PV layout: thread -> (4 heads ph*4.., 8 dims pc*8..)
+    int const lh = tid / kTile, lk = tid % kTile;
+    int const ph = tid / 64, pc = tid % 64;
+    bool const pv_active = pc * 8 < D;
+    float m_run = -INFINITY, l_run = 0.F;
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            acc[i][e] = 0.F;
+
+    int64_t const n_keys = a.L + a.K;
+    int64_t const n_tiles = (n_keys + kTile - 1) / kTile;
+    int64_t const tile_begin = int64_t(split) * a.tiles_per_split;
+    int64_t const tile_end = min(n_tiles, tile_begin + a.tiles_per_split);
+    int const chunks = D / 8;
+
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile)
+    {
+        __syncthreads(); // previous tile fully consumed (and sq written, on the first pass)
+        int valid = 0;
+        if (tid < kTile)
+        {
+            int64_t const j = tile * kTile + tid;
+            int64_t src = -1;
+            int is_ent = 0;
+            if (j < a.L)
+            {
+                int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
+                int64_t const dist = t - pos;
+                if (pos >= 0 && dist >= 0 && dist < a.window)
+                    src = b * a.L + j;
+            }
+            else if (j < n_keys)
+            {
+                int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
+                if (idx >= 0 && idx < a.N)
+                    src = b * a.N + idx;
+                is_ent = 1;
+            }
+            s_row[tid] = src;
+            s_ent[tid] = is_ent;
+            valid = src >= 0;
+        }
+        if (!__syncthreads_or(valid))
+            continue; // no valid key in this tile: nothing to read or add
+
+        for (int i = tid; i < kTile * chunks; i += kThreads)
+        {
+            int const k = i / chunks, c = i - k * chunks;
+            float v[8];
+            int64_t const src = s_row[k];
+            if (src >= 0)
+            {
+                if (s_ent[k])
+                    ent.load8(src, c * 8, v);
+                else
+                    win.load8(src, c * 8, v);
+            }
+            else
+            {
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    v[e] = 0.F;
+            }
+            float4* dst = reinterpret_cast<float4*>(skv + k * pitch + c * 8);
+            dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+            dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+        }
+        __syncthreads();
+
+        // logits (log2 units) and the online-softmax update, one head per 16 lanes
+        float s = 0.F;
+        {
+            float4 const* qa = reinterpret_cast<float4 const*>(sq + lh * pitch);
+            float4 const* ka = reinterpret_cast<float4 const*>(skv + lk * pitch);
+            for (int d4 = 0; d4 < D / 4; ++d4)
+            {
+                float4 const x = qa[d4], y = ka[d4];
+                s = fmaf(x.x, y.x, s);
+                s = fmaf(x.y, y.y, s);
+                s = fmaf(x.z, y.z, s);
+                s = fmaf(x.w, y.w, s);
+            }
+        }
+        if (s_row[lk] < 0 || h0 + lh >= a.H)
+            s = -INFINITY;
+        float tmax = s;
+#pragma unroll
+        for (int o = kTile / 2; o > 0; o >>= 1)
+            tmax = fmaxf(tmax, __shfl_xor_sync(0xFFFFFFFFu, tmax, o));
+        float const m_new = fmaxf(m_run, tmax);
+        float const p = m_new == -INFINITY ? 0.F : exp2f(s - m_new);
+        float const alpha = m_new == -INFINITY ? 1.F : exp2f(m_run - m_new);
+        float psum = p;
+#pragma unroll
+        for (int o = kTile / 2; o > 0; o >>= 1)
+            psum += __shfl_xor_sync(0xFFFFFFFFu, psum, o);
+        l_run = l_run * alpha + psum;
+        m_run = m_new;
+        sp[lh * kTile + lk] = p;
+        if (lk == 0)
+            salpha[lh] = alpha;
+        __syncthreads();
+
+        if (pv_active)
+        {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                float const al = salpha[ph * 4 + i];
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    acc[i][e] *= al;
+            }
+#pragma unroll 4
+            for (int k = 0; k < kTile; ++k)
+            {
+                float4 const v0 = *reinterpret_cast<float4 const*>(skv + k * pitch + pc * 8);
+                float4 const v1 = *reinterpret_cast<float4 const*>(skv + k * pitch + pc * 8 + 4);
+                float const v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                {
+                    float const pk = sp[(ph * 4 + i) * kTile + k];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        acc[i][e] = fmaf(pk, v[e], acc[i][e]);
+                }
+            }
+        }
+    }
+
+    __syncthreads();
+    if (lk == 0)
+    {
+        sml[2 * lh] = m_run;
+        sml[2 * lh + 1] = l_run;
+    }
+    __syncthreads();
+    if (!pv_active)
+        return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+    {
+        int const hh = ph * 4 + i;
+        int const h = h0 + hh;
+        if (h >= a.H)
+            continue;
+        float const m = sml[2 * hh], l = sml[2 * hh + 1];
+        if (a.splits == 1)
+        {
+            float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
+            float const M = fmaxf(m, sk);
+            float f = 0.F;
+            if (m != -INFINITY && M != -INFINITY)
+                f = exp2f(m - M) / (l * exp2f(m - M) + exp2f(sk - M));
+            int64_t const o = (row * a.H + h) * D + pc * 8;
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                store_f(a.out, a.q_dtype, o + e, acc[i][e] * f);
+        }
+        else
+        {
+            int64_t const slot = (int64_t(split) * a.rows + row) * a.H + h;
+            float4* dst = reinterpret_cast<float4*>(a.ws_acc + slot * D + pc * 8);
+            dst[0] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+            dst[1] = make_float4(acc[i][4], acc[i][5], acc[i][6], acc[i][7]);
+            if (pc == 0)
+            {
+                a.ws_ml[2 * slot] = m;
+                a.ws_ml[2 * slot + 1] = l;
+            }
+        }
+    }
+}
+
+//! Merge the key splits: out = sum_s acc_s 2^(m_s - M) / (sum_s l_s 2^(m_s - M) + 2^(sink - M)).
+__global__ void __launch_bounds__(128) sparse_attention_combine_kernel(SaArgs a)
+{
+    int64_t const rh = blockIdx.x; // row * H + h
+    int const h = int(rh % a.H);
+    float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
+    int64_t const stride = a.rows * a.H;
+    float M = sk;
+    for (int s = 0; s < a.splits; ++s)
+        M = fmaxf(M, a.ws_ml[2 * (s * stride + rh)]);
+    float denom = M == -INFINITY ? 0.F : exp2f(sk - M);
+    for (int s = 0; s < a.splits; ++s)
+    {
+        float const m = a.ws_ml[2 * (s * stride + rh)];
+        if (m != -INFINITY)
+            denom += a.ws_ml[2 * (s * stride + rh) + 1] * exp2f(m - M);
+    }
+    for (int d = threadIdx.x; d < a.D; d += blockDim.x)
+    {
+        float v = 0.F;
+        for (int s = 0; s < a.splits; ++s)
+        {
+            float const m = a.ws_ml[2 * (s * stride + rh)];
+            if (m != -INFINITY)
+                v = fmaf(a.ws_acc[(s * stride + rh) * a.D + d], exp2f(m - M), v);
+        }
+        store_f(a.out, a.q_dtype, rh * a.D + d, denom > 0.F ? v / denom : 0.F);
+    }
+}
+
+template <class Loader>
+cudaError_t launch(SaArgs const& a, Loader win, Loader ent, cudaStream_t stream)
+{
+    size_t const smem = smem_bytes(a.D);
+    auto kernel = sparse_attention_kernel<Loader>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess)
+        return err;
+    dim3 grid(unsigned(a.rows), unsigned((a.H + kHeads - 1) / kHeads), unsigned(a.splits));
+    kernel<<<grid, kThreads, smem, stream>>>(a, win, ent);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || a.splits == 1)
+        return err;
+    sparse_attention_combine_kernel<<<unsigned(a.rows * a.H), 128, 0, stream>>>(a);
+    return cudaGetLastError();
+}
+
+} // namespace
+} // namespace detail
+
+char const* sparse_attention_check(SparseAttentionParams const& p)
+{
+    using namespace detail;
+    if (p.B < 0 || p.S < 0 || p.L < 0 || p.N < 0 || p.K < 0 || p.H < 0)
+        return "sparse_attention: negative dimension";
+    if (p.D <= 0 || p.D % 8 != 0 || p.D > kMaxD)
+        return "sparse_attention: D (head/entry width) must be a positive multiple of 8 and <= 512";
+    if (!is_float_dtype(p.q_dtype))
+        return "sparse_attention: q must be float32, float16 or bfloat16";
+    if (!is_float_dtype(p.sink_dtype))
+        return "sparse_attention: sink must be float32, float16 or bfloat16";
+    if (p.kv_dtype == DType::kEntry584 && p.D != entry584::kDim)
+        return "sparse_attention: the 584-byte FP8 KV layout needs D == 512";
+    if (p.B * p.S > 0x7FFFFFFFLL)
+        return "sparse_attention: B * S exceeds 2^31 - 1";
+    if (p.B * p.S == 0 || p.H == 0)
+        return nullptr;
+    if (!p.q || !p.q_pos || !p.sink || !p.out || (p.L > 0 && (!p.window_kv || !p.window_pos))
+        || (p.K > 0 && !p.entry_idx) || (p.N > 0 && p.K > 0 && !p.entries))
+        return "sparse_attention: null input or output pointer";
+    size_t const kv_align = p.kv_dtype == DType::kEntry584 ? 8 : 16;
+    if ((p.window_kv && !aligned(p.window_kv, kv_align)) || (p.entries && !aligned(p.entries, kv_align)))
+        return "sparse_attention: window_kv / entries must be 16-byte aligned (8 for the 584-byte layout)";
+    if (p.workspace && !aligned(p.workspace, 16))
+        return "sparse_attention: workspace must be 16-byte aligned";
+    return nullptr;
+}
+
+size_t sparse_attention_workspace_bytes(int32_t H, int32_t D, int32_t num_sms)
+{
+    // Splits are used only while rows * head-groups < 2 * SMs, with splits * blocks <= 4 * SMs.
+    int const sms = detail::device_num_sms(num_sms);
+    int const hpb = H < detail::kHeads ? H : detail::kHeads;
+    return size_t(4) * sms * hpb * (size_t(D) + 2) * sizeof(float) + 256;
+}
+
+cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream)
+{
+    using namespace detail;
+    if (sparse_attention_check(p) != nullptr)
+        return cudaErrorInvalidValue;
+    int64_t const rows = p.B * p.S;
+    if (rows == 0 || p.H == 0)
+        return cudaSuccess;
+
+    SaArgs a{};
+    a.rows = rows, a.S = p.S, a.L = p.L, a.N = p.N, a.K = p.K;
+    a.H = p.H, a.D = p.D, a.window = p.window;
+    a.scale_log2 = p.scale * kLog2e;
+    a.q = p.q, a.q_dtype = p.q_dtype, a.q_pos = p.q_pos, a.q_pos_type = p.q_pos_type;
+    a.window_pos = p.window_pos, a.window_pos_type = p.window_pos_type;
+    a.entry_idx = p.entry_idx, a.entry_idx_type = p.entry_idx_type;
+    a.sink = p.sink, a.sink_dtype = p.sink_dtype, a.out = p.out;
+
+    // Key splits (flash-decoding) when the grid would not fill the GPU.
+    int64_t const n_tiles = (p.L + p.K + kTile - 1) / kTile;
+    int64_t const blocks = rows * ((p.H + kHeads - 1) / kHeads);
+    int const sms = device_num_sms(p.num_sms);
+    int64_t splits = 1;
+    if (blocks < 2 * sms && n_tiles > 1)
+    {
+        splits = (2 * sms + blocks - 1) / blocks;
+        splits = splits < n_tiles ? splits : n_tiles;
+        splits = splits < 64 ? splits : 64;
+        size_t const per_split = size_t(rows) * p.H * (size_t(p.D) + 2) * sizeof(float);
+        size_t const fit = p.workspace ? p.workspace_bytes / per_split : 0;
+        splits = int64_t(fit) < splits ? int64_t(fit) : splits;
+        if (splits < 1)
+            splits = 1;
+    }
+    int64_t const tps = n_tiles == 0 ? 1 : (n_tiles + splits - 1) / splits;
+    a.splits = int32_t(n_tiles == 0 ? 1 : (n_tiles + tps - 1) / tps);
+    a.tiles_per_split = int32_t(tps);
+    if (a.splits > 1)
+    {
+        a.ws_acc = static_cast<float*>(p.workspace);
+        a.ws_ml = a.ws_acc + size_t(a.splits) * rows * p.H * p.D;
+    }
+
+    switch (p.kv_dtype)
+    {
+    case DType::kFloat32:
+        return launch(a, PlainLoader<float>{static_cast<float const*>(p.window_kv), p.D},
+            PlainLoader<float>{static_cast<float const*>(p.entries), p.D}, stream);
+    case DType::kFloat16:
+        return launch(a, PlainLoader<__half>{static_cast<__half const*>(p.window_kv), p.D},
+            PlainLoader<__half>{static_cast<__half const*>(p.entries), p.D}, stream);
+    case DType::kBFloat16:
+        return launch(a, PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(p.window_kv), p.D},
+            PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(p.entries), p.D}, stream);
+    case DType::kEntry584:
+        return launch(a, Entry584Loader{static_cast<uint8_t const*>(p.window_kv)},
+            Entry584Loader{static_cast<uint8_t const*>(p.entries)}, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+} // namespace hatrt
