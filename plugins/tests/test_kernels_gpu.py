@@ -1,0 +1,340 @@
+"""GPU checks of the hatrt CUDA kernels against the PyTorch reference (exporter/ops.py).
+
+Skipped without CUDA. On a GPU machine the launchers are built into a torch extension
+(plugins/tests/kernels_ext.py) and each check draws FRESH random inputs (the seed is printed on
+failure), fills the outputs with NaN (or a byte pattern) first, and checks that every element was
+written and matches the reference:
+
+    python -m pytest -q plugins/tests/test_kernels_gpu.py     # or: python plugins/tests/test_kernels_gpu.py
+
+Tolerances follow docs/plugins.md: fp32 paths 1e-5 relative (norm), bf16/fp16 outputs 1e-2,
+quantized outputs (FP8/FP4 fake quant) may differ at a few elements that sit on a rounding
+boundary; the indexer must match the reference EXACTLY on integer-valued inputs (exact scores,
+many ties: the tie rule is checked bit for bit) and as sets within tolerance on random inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+try:
+    import pytest
+except ImportError:  # runnable as a plain script where pytest is missing
+    pytest = None
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+if pytest is not None:
+    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEV = "cuda"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+QUANT_NAMES = {0: None, 1: "fp8", 2: "fp4"}
+
+
+# ----------------------------------------------------------------------------- helpers
+def _ext():
+    import kernels_ext
+
+    return kernels_ext.load()
+
+
+def _ref():
+    """exporter.ops / exporter.quant without running the package __init__ (its loader imports are
+    not needed here and a GPU image may lack one of them)."""
+    if "exporter.ops" not in sys.modules:
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        try:
+            importlib.import_module("exporter.ops")
+        except ImportError:
+            pkg = types.ModuleType("exporter")
+            pkg.__path__ = [str(ROOT / "exporter")]
+            sys.modules["exporter"] = pkg
+            importlib.import_module("exporter.ops")
+    return sys.modules["exporter.ops"], sys.modules["exporter.quant"]
+
+
+def _gen():
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    return g, seed
+
+
+def _rel(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+def _randn(shape, g, dtype=F32):
+    return torch.randn(shape, generator=g, device=DEV).to(dtype)
+
+
+def _randint(lo, hi, shape, g, dtype=torch.int64):
+    return torch.randint(lo, hi, shape, generator=g, device=DEV).to(dtype)
+
+
+def _mismatch_fraction(out, ref, rtol=1e-5, atol=1e-6) -> float:
+    bad = (out.double() - ref.double()).abs() > atol + rtol * ref.double().abs()
+    return bad.float().mean().item()
+
+
+# ----------------------------------------------------------------------------- KV entry (584 B)
+def test_kv_write_read_584():
+    ext, (ops, quant) = _ext(), _ref()
+    for dtype in (F32, BF16, F16):
+        g, seed = _gen()
+        n, rows = 67, 96
+        # magnitudes spread over many binades, block by block, so the scales vary
+        mag = torch.exp2(_randint(-12, 12, (n, 8, 1), g).float()).expand(n, 8, 64).reshape(n, 512)
+        src = (_randn((n, 512), g) * mag).to(dtype)
+        slot = torch.randperm(rows, generator=g, device=DEV)[:n]
+        slot[5] = -1  # skipped
+        cache = torch.full((rows, 584), 0xAB, dtype=torch.uint8, device=DEV)
+        ext.kv_write_584(cache, src, slot)
+        out = torch.full((n, 512), float("nan"), device=DEV)
+        ext.kv_read_584(out, cache, slot)
+        torch.cuda.synchronize()
+        ref = torch.cat([quant.fake_quant_fp8(src.float()[:, :448]), src.float()[:, 448:].to(BF16).float()], -1)
+        ref[5] = 0.0  # kv_read of a negative slot gives zeros
+        msg = f"dtype={dtype} seed={seed}"
+        assert torch.isfinite(out).all(), msg
+        assert _mismatch_fraction(out, ref, rtol=0, atol=0) <= 1e-3, msg  # bit-exact but for log2 edge cases
+        assert _rel(out, ref) < 1e-2, msg
+        written = slot[slot >= 0]
+        assert (cache[written, 583] == 0).all(), msg
+        untouched = torch.ones(rows, dtype=torch.bool, device=DEV)
+        untouched[written] = False
+        assert (cache[untouched] == 0xAB).all(), msg
+
+
+# ----------------------------------------------------------------------------- compressor
+COMPRESS_CASES = [
+    # overlap, B, N, m, D, r, quant, dtype
+    (False, 2, 3, 128, 512, 64, 0, F32),   # HCA
+    (False, 2, 3, 128, 512, 64, 1, BF16),
+    (True, 3, 5, 4, 512, 64, 0, F32),      # CSA main entries
+    (True, 3, 5, 4, 512, 64, 1, F32),
+    (True, 2, 4, 4, 512, 64, 1, F16),
+    (True, 2, 6, 4, 128, 64, 2, F32),      # CSA indexer keys: Hadamard + FP4
+    (False, 2, 2, 16, 80, 16, 1, F32),     # tiny config: D = 80, 16 RoPE dims
+]
+
+
+def _compress_inputs(overlap, B, N, m, D, r, dtype, g):
+    W = 2 * D if overlap else D
+    kv = _randn((B, N, m, W), g, dtype)
+    score = (_randn((B, N, m, W), g) * 2).to(dtype)
+    prev_kv = prev_score = None
+    if overlap:
+        prev_kv = _randn((B, m, D), g, dtype)
+        prev_score = _randn((B, m, D), g, dtype)
+        prev_kv[0] = 0  # batch 0: no previous block
+        prev_score[0] = float("-inf")
+    nw = (1 + 0.1 * _randn((D,), g)).to(dtype)
+    ang = torch.rand((B, N, r // 2), generator=g, device=DEV) * 20
+    return kv, score, prev_kv, prev_score, nw, ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def test_compress():
+    ext, (ops, quant) = _ext(), _ref()
+    for overlap, B, N, m, D, r, qt, dtype in COMPRESS_CASES:
+        g, seed = _gen()
+        kv, score, pk, ps, nw, cos, sin = _compress_inputs(overlap, B, N, m, D, r, dtype, g)
+        out = torch.full((B, N, D), float("nan"), device=DEV)
+        ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, qt)
+        torch.cuda.synchronize()
+        ref = ops.compress_blocks(kv, score, pk, ps, nw, cos, sin, eps=1e-6, quant=QUANT_NAMES[qt]).float()
+        msg = f"overlap={overlap} m={m} D={D} quant={qt} dtype={dtype} seed={seed}"
+        assert torch.isfinite(out).all(), msg
+        if qt == 0:
+            assert _rel(out, ref) < 1e-5, msg
+        else:  # a value on a rounding boundary may round the other way after fp32 reordering
+            assert _mismatch_fraction(out, ref) <= 0.01, msg
+            assert _rel(out, ref) < 5e-2, msg
+
+
+def test_compress_fused_cache_write():
+    ext, _ = _ext(), _ref()
+    g, seed = _gen()
+    B, N, m, D, r = 3, 4, 4, 512, 64
+    kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, BF16, g)
+    rows = B * N + 7
+    cache = torch.full((rows, 584), 0xCD, dtype=torch.uint8, device=DEV)
+    slot = torch.randperm(rows, generator=g, device=DEV)[: B * N].view(B, N)
+    out = torch.full((B, N, D), float("nan"), device=DEV)
+    ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 1, cache, slot)
+    back = torch.full((B * N, D), float("nan"), device=DEV)
+    ext.kv_read_584(back, cache, slot.reshape(-1))
+    torch.cuda.synchronize()
+    flat = out.reshape(B * N, D)
+    msg = f"seed={seed}"
+    assert torch.isfinite(back).all(), msg
+    assert torch.equal(back[:, :448], flat[:, :448]), msg  # the cache holds exactly the fake-quantized entry
+    assert torch.equal(back[:, 448:], flat[:, 448:].to(BF16).float()), msg
+
+
+# ----------------------------------------------------------------------------- indexer + top-k
+INDEXER_CASES = [
+    # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, pos dtype, num_sms, workspace_bytes (-1 default)
+    (2, 5, 64, 128, 0, 16, 4, False, F32, torch.int64, 0, -1),       # nothing visible
+    (2, 5, 8, 32, 10, 16, 4, False, F32, torch.int64, 0, -1),        # fewer than topk
+    (2, 7, 64, 128, 900, 64, 4, False, BF16, torch.int32, 0, -1),    # fused, scores in shared memory
+    (1, 3, 64, 128, 5000, 512, 4, True, F32, torch.int64, 0, -1),    # bf16 scores: many ties
+    (1, 2, 100, 64, 3000, 128, 4, False, F16, torch.int64, 0, -1),   # two head blocks
+    (2, 3, 64, 128, 20000, 512, 4, False, BF16, torch.int64, 100000, -1),  # split path (few rows)
+    (2, 4, 16, 64, 70000, 256, 4, False, F32, torch.int64, 1, 3 * 70000 * 4),  # fused, workspace, batches
+]
+
+
+def _visible(q_pos, ratio, N):
+    return torch.div(q_pos + 1, ratio, rounding_mode="floor").clamp(min=0, max=N)
+
+
+def test_indexer_topk_exact_ties():
+    """Integer-valued inputs: every score is exact in fp32, so the kernel must equal the reference
+    bit for bit, including the order among the many equal scores (lower index first)."""
+    ext, (ops, _) = _ext(), _ref()
+    for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
+        g, seed = _gen()
+        q = _randint(-2, 3, (B, S, Hi, Di), g).to(dt)
+        w = _randint(-1, 3, (B, S, Hi), g).to(dt)
+        keys = _randint(-2, 3, (B, N, Di), g).to(dt)
+        q_pos = _randint(-1, ratio * N + 8, (B, S), g)
+        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=DEV)
+        ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
+        torch.cuda.synchronize()
+        ref = ops.indexer_topk(q.float(), w.float(), keys.float(), q_pos, ratio=ratio, topk=topk, bf16_scores=bf16)
+        msg = f"case={(B, S, Hi, Di, N, topk, bf16, sms, ws)} seed={seed}"
+        assert not (out == -7).any(), msg
+        assert torch.equal(out, ref), msg
+
+
+def test_indexer_topk_random():
+    """Random inputs: same selection as the reference up to fp32 reordering (as sets, within a
+    score tolerance), rank order, -1 padding exactly where fewer than topk entries are visible."""
+    ext, _ = _ext(), _ref()
+    for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
+        if bf16:
+            continue
+        g, seed = _gen()
+        q, w, keys = _randn((B, S, Hi, Di), g, dt), _randn((B, S, Hi), g, dt), _randn((B, N, Di), g, dt)
+        q_pos = _randint(-1, ratio * N + 8, (B, S), g)
+        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=DEV)
+        ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
+        torch.cuda.synchronize()
+        scores = torch.einsum("bshd,bnd->bshn", q.double(), keys.double()).relu()
+        scores = (scores * w.double().unsqueeze(-1)).sum(2)  # [B, S, N]
+        vis = _visible(q_pos, ratio, N)
+        msg = f"case={(B, S, Hi, Di, N, topk, sms, ws)} seed={seed}"
+        for b in range(B):
+            for s in range(S):
+                n = int(vis[b, s])
+                k = min(n, topk)
+                row = out[b, s]
+                assert (row[k:] == -1).all() and (row[:k] >= 0).all() and (row[:k] < n).all(), msg
+                sel = row[:k]
+                assert sel.unique().numel() == k, msg
+                if k == 0:
+                    continue
+                sc = scores[b, s, :n]
+                tol = 1e-4 * sc.abs().max().item() + 1e-6
+                picked = sc[sel]
+                assert (picked[1:] <= picked[:-1] + tol).all(), msg  # rank order
+                if k < n:
+                    rest = torch.ones(n, dtype=torch.bool, device=DEV)
+                    rest[sel] = False
+                    assert picked.min() >= sc[rest].max() - tol, msg
+
+
+# ----------------------------------------------------------------------------- sparse attention
+ATTN_CASES = [
+    # B, S, H, D, L, N, K, window, q dtype, kv ("f32"/"bf16"/"f16"/"fp8"), int dtype, num_sms, workspace
+    (3, 1, 64, 512, 128, 300, 64, 128, F32, "f32", torch.int64, 0, True),     # decode, key splits
+    (3, 1, 64, 512, 128, 300, 64, 128, F32, "f32", torch.int64, 0, False),    # decode, no workspace
+    (2, 6, 20, 80, 150, 40, 16, 128, BF16, "bf16", torch.int32, 0, True),      # prefill, H % 16 != 0
+    (2, 4, 16, 512, 140, 100, 32, 128, F16, "f16", torch.int64, 10000, True),  # max splits
+    (2, 3, 64, 512, 128, 200, 48, 128, BF16, "fp8", torch.int64, 0, True),     # production FP8 entries
+    (1, 1, 128, 512, 128, 1000, 512, 128, BF16, "fp8", torch.int64, 0, True),  # V4-Pro-like decode
+    (2, 2, 16, 64, 0, 0, 0, 128, F32, "f32", torch.int64, 0, True),            # nothing to attend: 0
+    (2, 2, 16, 64, 32, 0, 8, 16, F32, "f32", torch.int64, 0, True),            # no entries, all idx -1
+]
+KV_DTYPES = {"f32": F32, "bf16": BF16, "f16": F16, "fp8": F32}
+
+
+def _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g):
+    q = _randn((B, S, H, D), g, qdt)
+    t0 = _randint(0, 400, (B, 1), g)
+    q_pos = t0 + torch.arange(S, device=DEV)
+    last = q_pos[:, -1:]
+    window_pos = (last - L + 1 + torch.arange(L, device=DEV)).expand(B, L).clone()
+    window_pos = torch.where(torch.rand((B, L), generator=g, device=DEV) < 0.1, -1, window_pos)
+    perm = torch.argsort(torch.rand((B, L), generator=g, device=DEV), dim=1)
+    window_pos = torch.gather(window_pos, 1, perm)
+    kvdt = KV_DTYPES[kv]
+    window_kv = _randn((B, L, D), g, kvdt)
+    entries = _randn((B, N, D), g, kvdt)
+    entry_idx = _randint(-1, max(N, 1), (B, S, K), g) if N > 0 else torch.full((B, S, K), -1, device=DEV)
+    sink = _randn((H,), g)
+    return q, q_pos, window_kv, window_pos, entries, entry_idx, sink
+
+
+def _pack_fp8(ext, x):
+    """float [B, R, 512] -> (uint8 [B, R, 584], the dequantized float the kernel sees)."""
+    B, R, D = x.shape
+    cache = torch.full((B * R, 584), 0xEE, dtype=torch.uint8, device=DEV)
+    ext.kv_write_584(cache, x.reshape(B * R, D).contiguous())
+    deq = torch.empty((B * R, D), device=DEV)
+    ext.kv_read_584(deq, cache)
+    return cache.view(B, R, 584), deq.view(B, R, D)
+
+
+def test_sparse_attention():
+    ext, (ops, _) = _ext(), _ref()
+    for B, S, H, D, L, N, K, window, qdt, kv, idt, sms, use_ws in ATTN_CASES:
+        g, seed = _gen()
+        q, q_pos, wkv, wpos, ent, idx, sink = _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g)
+        scale = 1.0 / math.sqrt(D)
+        if kv == "fp8":
+            wkv_in, wkv = _pack_fp8(ext, wkv)
+            ent_in, ent = _pack_fp8(ext, ent)
+        else:
+            wkv_in, ent_in = wkv, ent
+        out = torch.full_like(q, float("nan"))
+        ext.sparse_attention(out, q, q_pos.to(idt), wkv_in, wpos.to(idt), ent_in, idx.to(idt), sink, window, scale,
+                             sms, use_ws)
+        torch.cuda.synchronize()
+        ref = ops.sparse_attention(q.float(), q_pos, wkv.float(), wpos, ent.float(), idx, sink, window=window,
+                                   scale=scale)
+        msg = f"case={(B, S, H, D, L, N, K, qdt, kv, sms, use_ws)} seed={seed}"
+        assert torch.isfinite(out).all(), msg
+        if ref.abs().max() == 0:
+            assert (out == 0).all(), msg
+            continue
+        tol = 1e-5 if qdt == F32 else 1e-2
+        assert _rel(out, ref) < tol, f"{msg} rel={_rel(out, ref):.2e}"
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        print("no CUDA device: skipped")
+        sys.exit(0)
+    failed = 0
+    for name, fn in list(globals().items()):
+        if name.startswith("test_") and callable(fn):
+            try:
+                fn()
+                print(f"PASS {name}")
+            except Exception as e:  # noqa: BLE001 - report every failure
+                failed += 1
+                print(f"FAIL {name}: {type(e).__name__}: {e}")
+    sys.exit(1 if failed else 0)

@@ -1,0 +1,216 @@
+// Torch bindings of the plain C++ kernel launchers (plugins/csrc), for the GPU tests and the
+// benchmark only: torch.utils.cpp_extension.load builds this file with csrc/kernels/*.cu on a GPU
+// machine (see plugins/tests/kernels_ext.py). Outputs are passed in (the tests poison them first).
+#include "hatrt/kernels.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+namespace
+{
+
+hatrt::DType fdtype(at::Tensor const& t)
+{
+    switch (t.scalar_type())
+    {
+    case at::kFloat: return hatrt::DType::kFloat32;
+    case at::kHalf: return hatrt::DType::kFloat16;
+    case at::kBFloat16: return hatrt::DType::kBFloat16;
+    default: TORCH_CHECK(false, "expected a float32/float16/bfloat16 tensor, got ", t.scalar_type());
+    }
+    return hatrt::DType::kFloat32;
+}
+
+hatrt::IndexType idtype(at::Tensor const& t)
+{
+    TORCH_CHECK(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, "expected int32/int64, got ",
+        t.scalar_type());
+    return t.scalar_type() == at::kLong ? hatrt::IndexType::kInt64 : hatrt::IndexType::kInt32;
+}
+
+void check_cuda(at::Tensor const& t, char const* name)
+{
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void finish(char const* what, char const* msg, cudaError_t err)
+{
+    TORCH_CHECK(msg == nullptr, what, ": ", msg ? msg : "");
+    TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream()
+{
+    return c10::cuda::getCurrentCUDAStream().stream();
+}
+
+// out[B, S, H, D] (q dtype) <- HybridSparseAttention. window_kv / entries: float tensors [B, L|N, D]
+// or uint8 [B, L|N, 584] (the FP8 entry).
+void sparse_attention(at::Tensor out, at::Tensor q, at::Tensor q_pos, at::Tensor window_kv, at::Tensor window_pos,
+    at::Tensor entries, at::Tensor entry_idx, at::Tensor sink, int64_t window, double scale, int64_t num_sms,
+    bool use_workspace)
+{
+    for (auto* t : {&out, &q, &q_pos, &window_kv, &window_pos, &entries, &entry_idx, &sink})
+        check_cuda(*t, "sparse_attention input");
+    c10::cuda::CUDAGuard guard(q.device());
+    TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "bad q/out");
+    bool const packed = window_kv.scalar_type() == at::kByte;
+    hatrt::SparseAttentionParams p;
+    p.B = q.size(0), p.S = q.size(1), p.H = int32_t(q.size(2)), p.D = int32_t(q.size(3));
+    p.L = window_kv.size(1), p.N = entries.size(1), p.K = entry_idx.size(2);
+    p.window = int32_t(window), p.scale = float(scale);
+    p.q = q.data_ptr(), p.q_dtype = fdtype(q);
+    p.q_pos = q_pos.data_ptr(), p.q_pos_type = idtype(q_pos);
+    p.window_kv = window_kv.data_ptr(), p.window_pos = window_pos.data_ptr(), p.window_pos_type = idtype(window_pos);
+    p.entries = entries.data_ptr(), p.entry_idx = entry_idx.data_ptr(), p.entry_idx_type = idtype(entry_idx);
+    p.kv_dtype = packed ? hatrt::DType::kEntry584 : fdtype(window_kv);
+    p.sink = sink.data_ptr(), p.sink_dtype = fdtype(sink);
+    p.out = out.data_ptr();
+    p.num_sms = int32_t(num_sms);
+    at::Tensor ws;
+    if (use_workspace)
+    {
+        size_t const bytes = hatrt::sparse_attention_workspace_bytes(p.H, p.D, p.num_sms);
+        ws = at::empty({int64_t(bytes)}, q.options().dtype(at::kByte));
+        p.workspace = ws.data_ptr(), p.workspace_bytes = bytes;
+    }
+    char const* msg = hatrt::sparse_attention_check(p);
+    finish("sparse_attention", msg, msg ? cudaSuccess : hatrt::sparse_attention(p, stream()));
+}
+
+// out[B, S, topk] int64 <- IndexerTopK
+void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor keys, at::Tensor q_pos, int64_t ratio,
+    int64_t topk, bool bf16_scores, int64_t num_sms, int64_t workspace_bytes)
+{
+    for (auto* t : {&out, &q, &weights, &keys, &q_pos})
+        check_cuda(*t, "indexer_topk input");
+    c10::cuda::CUDAGuard guard(q.device());
+    TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 3 && out.size(2) == topk, "bad out");
+    hatrt::IndexerTopKParams p;
+    p.B = q.size(0), p.S = q.size(1), p.Hi = int32_t(q.size(2)), p.Di = int32_t(q.size(3)), p.N = keys.size(1);
+    p.ratio = int32_t(ratio), p.topk = int32_t(topk), p.bf16_scores = bf16_scores;
+    p.q = q.data_ptr(), p.q_dtype = fdtype(q);
+    p.weights = weights.data_ptr(), p.weights_dtype = fdtype(weights);
+    p.keys = keys.data_ptr(), p.keys_dtype = fdtype(keys);
+    p.q_pos = q_pos.data_ptr(), p.q_pos_type = idtype(q_pos);
+    p.out = out.data_ptr<int64_t>();
+    p.num_sms = int32_t(num_sms);
+    at::Tensor ws;
+    size_t const bytes = workspace_bytes < 0 ? hatrt::indexer_topk_workspace_bytes(p.B * p.S, p.N)
+                                             : size_t(workspace_bytes);
+    if (bytes > 0)
+    {
+        ws = at::empty({int64_t(bytes)}, q.options().dtype(at::kByte));
+        p.workspace = ws.data_ptr(), p.workspace_bytes = bytes;
+    }
+    char const* msg = hatrt::indexer_topk_check(p);
+    finish("indexer_topk", msg, msg ? cudaSuccess : hatrt::indexer_topk(p, stream()));
+}
+
+// out[B, N, D] float32 (optional) and/or cache[rows, 584] (optional) <- GatedCompress /
+// OverlapGatedCompress (prev_kv / prev_score given = CSA).
+void compress(c10::optional<at::Tensor> out, at::Tensor kv, at::Tensor score, c10::optional<at::Tensor> prev_kv,
+    c10::optional<at::Tensor> prev_score, at::Tensor norm_weight, at::Tensor cos, at::Tensor sin, double eps,
+    int64_t quant, c10::optional<at::Tensor> cache, c10::optional<at::Tensor> cache_slot)
+{
+    for (auto* t : {&kv, &score, &norm_weight, &cos, &sin})
+        check_cuda(*t, "compress input");
+    c10::cuda::CUDAGuard guard(kv.device());
+    bool const overlap = prev_kv.has_value();
+    hatrt::CompressParams p;
+    p.B = kv.size(0), p.N = kv.size(1), p.m = int32_t(kv.size(2));
+    p.D = int32_t(overlap ? prev_kv->size(2) : kv.size(3));
+    p.r = int32_t(2 * cos.size(-1));
+    p.overlap = overlap, p.eps = float(eps), p.quant = int32_t(quant);
+    p.kv = kv.data_ptr(), p.kv_dtype = fdtype(kv), p.score = score.data_ptr(), p.score_dtype = fdtype(score);
+    if (overlap)
+    {
+        TORCH_CHECK(prev_score.has_value(), "prev_score needed with prev_kv");
+        check_cuda(*prev_kv, "prev_kv");
+        check_cuda(*prev_score, "prev_score");
+        p.prev_kv = prev_kv->data_ptr(), p.prev_kv_dtype = fdtype(*prev_kv);
+        p.prev_score = prev_score->data_ptr(), p.prev_score_dtype = fdtype(*prev_score);
+    }
+    p.norm_weight = norm_weight.data_ptr(), p.norm_weight_dtype = fdtype(norm_weight);
+    p.cos = cos.data_ptr(), p.cos_dtype = fdtype(cos), p.sin = sin.data_ptr(), p.sin_dtype = fdtype(sin);
+    if (out.has_value())
+    {
+        check_cuda(*out, "out");
+        TORCH_CHECK(out->scalar_type() == at::kFloat, "out must be float32");
+        p.out = out->data_ptr<float>();
+    }
+    if (cache.has_value())
+    {
+        check_cuda(*cache, "cache");
+        TORCH_CHECK(cache->scalar_type() == at::kByte && cache->size(-1) == 584, "cache must be uint8 [.., 584]");
+        p.cache = cache->data_ptr<uint8_t>();
+        if (cache_slot.has_value())
+        {
+            check_cuda(*cache_slot, "cache_slot");
+            p.cache_slot = cache_slot->data_ptr(), p.cache_slot_type = idtype(*cache_slot);
+        }
+    }
+    char const* msg = hatrt::compress_check(p);
+    finish("compress", msg, msg ? cudaSuccess : hatrt::compress(p, stream()));
+}
+
+// cache[rows, 584] (uint8, in place) <- quantized src[n, 512]; slot optional.
+void kv_write_584(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> slot)
+{
+    check_cuda(cache, "cache");
+    check_cuda(src, "src");
+    c10::cuda::CUDAGuard guard(src.device());
+    TORCH_CHECK(cache.scalar_type() == at::kByte && cache.size(-1) == 584, "cache must be uint8 [.., 584]");
+    TORCH_CHECK(src.size(-1) == 512, "src must be [..., 512]");
+    hatrt::KvWriteParams p;
+    p.n = src.numel() / 512;
+    p.src = src.data_ptr(), p.src_dtype = fdtype(src);
+    if (slot.has_value())
+    {
+        check_cuda(*slot, "slot");
+        p.slot = slot->data_ptr(), p.slot_type = idtype(*slot);
+    }
+    p.cache = cache.data_ptr<uint8_t>();
+    char const* msg = hatrt::kv_write_584_check(p);
+    finish("kv_write_584", msg, msg ? cudaSuccess : hatrt::kv_write_584(p, stream()));
+}
+
+// out[n, 512] float32 <- dequantized cache rows (slot optional).
+void kv_read_584(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slot)
+{
+    check_cuda(cache, "cache");
+    check_cuda(out, "out");
+    c10::cuda::CUDAGuard guard(cache.device());
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 512, "out must be float32 [n, 512]");
+    void const* s = nullptr;
+    hatrt::IndexType st = hatrt::IndexType::kInt64;
+    if (slot.has_value())
+    {
+        check_cuda(*slot, "slot");
+        s = slot->data_ptr(), st = idtype(*slot);
+    }
+    finish("kv_read_584", nullptr,
+        hatrt::kv_read_584(out.numel() / 512, cache.data_ptr<uint8_t>(), s, st, out.data_ptr<float>(), stream()));
+}
+
+} // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
+{
+    m.def("sparse_attention", &sparse_attention, "HybridSparseAttention into out", py::arg("out"), py::arg("q"),
+        py::arg("q_pos"), py::arg("window_kv"), py::arg("window_pos"), py::arg("entries"), py::arg("entry_idx"),
+        py::arg("sink"), py::arg("window"), py::arg("scale"), py::arg("num_sms") = 0, py::arg("use_workspace") = true);
+    m.def("indexer_topk", &indexer_topk, "IndexerTopK into out", py::arg("out"), py::arg("q"), py::arg("weights"),
+        py::arg("keys"), py::arg("q_pos"), py::arg("ratio"), py::arg("topk"), py::arg("bf16_scores") = false,
+        py::arg("num_sms") = 0, py::arg("workspace_bytes") = -1);
+    m.def("compress", &compress, "GatedCompress / OverlapGatedCompress", py::arg("out"), py::arg("kv"),
+        py::arg("score"), py::arg("prev_kv"), py::arg("prev_score"), py::arg("norm_weight"), py::arg("cos"),
+        py::arg("sin"), py::arg("eps"), py::arg("quant") = 0, py::arg("cache") = py::none(),
+        py::arg("cache_slot") = py::none());
+    m.def("kv_write_584", &kv_write_584, "quantize vectors into 584-byte entries", py::arg("cache"), py::arg("src"),
+        py::arg("slot") = py::none());
+    m.def("kv_read_584", &kv_read_584, "dequantize 584-byte entries", py::arg("out"), py::arg("cache"),
+        py::arg("slot") = py::none());
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# One prepared GPU check of the hatrt kernels and plugins (< 8 minutes on an H100/H200):
+#   1. build the kernel library + plugin library with CMake (plugin library only when the TensorRT
+#      headers are present: carry third_party/TensorRT/include), sm_90a on Hopper;
+#   2. build the torch extension that exposes the launchers and run the reference comparisons
+#      (plugins/tests/test_kernels_gpu.py: fresh random inputs, NaN-poisoned outputs);
+#   3. run the plugin harness (creators -> plugins -> enqueue on the GPU, no TensorRT builder);
+#   4. a small benchmark (plugins/bench/bench_kernels.py) with the card's copy bandwidth / matmul rate.
+# Everything is logged under $OUT (the device tool's output folder) or build/gpu_check.
+#
+#   bash scripts/gpu_check.sh            # full
+#   QUICK=1 bash scripts/gpu_check.sh    # smaller benchmark
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-build/gpu_check}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+JOBS="$(nproc 2>/dev/null || echo 8)"
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT_DIR/gpu.txt"
+nvcc --version | tail -2
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+CC="$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)"
+ARCH="$([ "$CC" = 90 ] && echo 90a || echo "$CC")"
+
+step "cmake build (arch $ARCH)"
+t0=$(date +%s)
+if cmake -S plugins -B build/plugins_gpu -DCMAKE_BUILD_TYPE=Release -DHATRT_CUDA_ARCHS="$ARCH" >"$OUT_DIR/cmake.log" 2>&1 \
+   && timeout 300 cmake --build build/plugins_gpu -j "$JOBS" >>"$OUT_DIR/cmake.log" 2>&1; then
+  echo "cmake build ok in $(( $(date +%s) - t0 )) s"; ls -la build/plugins_gpu/*.so build/plugins_gpu/*.a 2>/dev/null
+else
+  echo "cmake build FAILED (see cmake.log)"; tail -30 "$OUT_DIR/cmake.log"; status=1
+fi
+
+step "torch extension"
+timeout 300 "$PY" plugins/tests/kernels_ext.py 2>&1 | tail -5 | tee "$OUT_DIR/ext.txt" || status=1
+
+step "reference comparisons"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider plugins/tests/test_kernels_gpu.py -rA 2>&1 | tail -25 | tee "$OUT_DIR/tests.txt"
+else
+  timeout 300 "$PY" plugins/tests/test_kernels_gpu.py 2>&1 | tee "$OUT_DIR/tests.txt"
+fi
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "plugin harness (creators + enqueue, no TensorRT builder)"
+if [ -x build/plugins_gpu/hatrt_plugin_harness ]; then
+  timeout 120 build/plugins_gpu/hatrt_plugin_harness 2>&1 | tail -30 | tee "$OUT_DIR/harness.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+else
+  echo "skipped: no TensorRT headers in the build (carry third_party/TensorRT/include)"
+fi
+
+step "benchmark"
+timeout 240 "$PY" plugins/bench/bench_kernels.py --out "$OUT_DIR/bench.json" ${QUICK:+--quick} 2>&1 | tee "$OUT_DIR/bench.txt" | tail -40
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+step "done: status $status"
+exit $status
