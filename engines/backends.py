@@ -94,47 +94,14 @@ class TorchBackend(Backend):
 
 # ============================================================================ ONNX Runtime
 def read_manifest(artifact_dir: str | os.PathLike) -> dict:
-    """manifest.json of an export directory, checked for everything the runtimes use.
+    """manifest.json of an export directory (exporter.export.read_manifest), errors as BackendError."""
+    from exporter.export import ExportError
+    from exporter.export import read_manifest as _read
 
-    The format/version check and the required top-level keys are exporter.export.read_manifest's;
-    this adds the graph entries (file, inputs, outputs) and the cache layout entries."""
-    root = Path(artifact_dir)
-    if not root.exists():
-        raise BackendError(f"{root}: no such export directory")
-    if not root.is_dir():
-        raise BackendError(f"{root}: not a directory (an export directory holds {MANIFEST}, prefill.onnx, decode.onnx)")
     try:
-        from exporter.export import read_manifest as _read
-    except ImportError as e:  # pragma: no cover - exporter.export is part of the package
-        raise BackendError(f"cannot read {root / MANIFEST}: exporter.export is unavailable ({e})") from None
-    try:
-        manifest = _read(root)
-    except ValueError as e:  # ExportError: names the file and key
+        return _read(artifact_dir)
+    except ExportError as e:
         raise BackendError(str(e)) from None
-    path = root / MANIFEST
-    if not isinstance(manifest.get("config"), dict):
-        raise BackendError(f"{path}: key 'config' must be an object (a config.json dict)")
-    if not isinstance(manifest.get("cache_layout"), list):
-        raise BackendError(f"{path}: key 'cache_layout' must be a list")
-    for i, spec in enumerate(manifest["cache_layout"]):
-        for key in ("name", "dims", "dtype"):
-            if not isinstance(spec, dict) or key not in spec:
-                raise BackendError(f"{path}: cache_layout[{i}] has no key {key!r}")
-    graphs = manifest["graphs"]
-    if not isinstance(graphs, dict):
-        raise BackendError(f"{path}: key 'graphs' must be an object")
-    for graph in ("prefill", "decode"):
-        if graph not in graphs:
-            raise BackendError(f"{path}: missing key 'graphs.{graph}'")
-        for key in ("file", "inputs", "outputs"):
-            if key not in graphs[graph]:
-                raise BackendError(f"{path}: missing key 'graphs.{graph}.{key}'")
-        for side in ("inputs", "outputs"):
-            for i, io in enumerate(graphs[graph][side]):
-                for key in ("name", "dims", "dtype"):
-                    if not isinstance(io, dict) or key not in io:
-                        raise BackendError(f"{path}: graphs.{graph}.{side}[{i}] has no key {key!r}")
-    return manifest
 
 
 def manifest_layout(manifest: dict) -> list[TensorSpec]:
@@ -204,9 +171,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = list(providers) if providers is not None else default_providers()
         self.sessions = {}
         for graph in ("prefill", "decode"):
-            path = self.artifact_dir / self.manifest["graphs"][graph]["file"]
-            if not path.is_file():
-                raise BackendError(f"{path}: graph file missing (named by graphs.{graph}.file in {where})")
+            path = self.artifact_dir / self.manifest["graphs"][graph]["file"]  # read_manifest: it exists
             try:
                 session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types

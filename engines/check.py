@@ -204,30 +204,14 @@ def __getattr__(name: str):  # TorchGraphRunner, importable once polygraphy is t
 
 # ============================================================================ setup
 def _read_manifest(artifact_dir: Path) -> dict:
-    if not artifact_dir.exists():
-        raise CheckError(f"{artifact_dir}: no such export directory")
-    if not artifact_dir.is_dir():
-        raise CheckError(f"{artifact_dir}: not a directory (give an export directory holding {MANIFEST})")
     from exporter.export import ExportError, read_manifest
 
     try:
         manifest = read_manifest(artifact_dir)
     except ExportError as e:
         raise CheckError(str(e)) from None
-    where = artifact_dir / MANIFEST
-    for key in ("source",):
-        if key not in manifest:
-            raise CheckError(f"{where}: missing key {key!r}")
-    for graph in ("prefill", "decode"):
-        info = manifest["graphs"].get(graph)
-        if not isinstance(info, dict) or not {"file", "inputs", "outputs"} <= info.keys():
-            raise CheckError(f"{where}: graphs.{graph} needs 'file', 'inputs' and 'outputs'")
-        path = artifact_dir / info["file"]
-        if not path.is_file():
-            raise CheckError(f"{path}: the {graph} graph named in {where} is missing")
-    if manifest["dtype"] not in DEFAULT_TOLERANCES:
-        raise CheckError(f"{where}: dtype {manifest['dtype']!r} is not one hatrt exports "
-                         f"({', '.join(DEFAULT_TOLERANCES)})")
+    if "source" not in manifest:
+        raise CheckError(f"{artifact_dir / MANIFEST}: missing key 'source'")
     return manifest
 
 

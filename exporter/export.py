@@ -332,18 +332,51 @@ def export_model(source, out_dir: str | os.PathLike, *, dtype: str = "float32", 
 
 
 def read_manifest(artifact_dir: str | os.PathLike) -> dict:
-    """The manifest of an export directory, validated; errors name the file and key."""
-    path = Path(artifact_dir) / MANIFEST
+    """The manifest of an export directory, checked for everything the runtimes and checks read.
+
+    Errors name the file and the key (ExportError)."""
+    root = Path(artifact_dir)
+    if not root.exists():
+        raise ExportError(f"{root}: no such export directory")
+    if not root.is_dir():
+        raise ExportError(f"{root}: not a directory (an export directory holds {MANIFEST}, prefill.onnx, "
+                          "decode.onnx)")
+    path = root / MANIFEST
     if not path.is_file():
-        raise ExportError(f"{path}: no manifest (is {artifact_dir} a hatrt export directory?)")
+        raise ExportError(f"{path}: no manifest (is {root} a hatrt export directory?)")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: top level must be a JSON object")
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
         raise ExportError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, "
                           f"expected {MANIFEST_FORMAT!r} version {MANIFEST_VERSION}")
-    for key in ("config", "dtype", "cache_layout", "graphs"):
+    for key, kind in (("config", dict), ("dtype", str), ("cache_layout", list), ("graphs", dict)):
         if key not in manifest:
             raise ExportError(f"{path}: missing key {key!r}")
+        if not isinstance(manifest[key], kind):
+            raise ExportError(f"{path}: key {key!r} must be a JSON {kind.__name__}")
+    if manifest["dtype"] not in DTYPES:
+        raise ExportError(f"{path}: dtype {manifest['dtype']!r} is not one hatrt exports ({', '.join(DTYPES)})")
+
+    def entries(items, where: str) -> None:
+        for i, item in enumerate(items):
+            for key in ("name", "dims", "dtype"):
+                if not isinstance(item, dict) or key not in item:
+                    raise ExportError(f"{path}: {where}[{i}] has no key {key!r}")
+
+    entries(manifest["cache_layout"], "cache_layout")
+    for graph in ("prefill", "decode"):
+        info = manifest["graphs"].get(graph)
+        if not isinstance(info, dict):
+            raise ExportError(f"{path}: missing key 'graphs.{graph}'")
+        for key in ("file", "inputs", "outputs"):
+            if key not in info:
+                raise ExportError(f"{path}: missing key 'graphs.{graph}.{key}'")
+        entries(info["inputs"], f"graphs.{graph}.inputs")
+        entries(info["outputs"], f"graphs.{graph}.outputs")
+        if not (root / info["file"]).is_file():
+            raise ExportError(f"{root / info['file']}: graph file missing (named by graphs.{graph}.file in {path})")
     return manifest

@@ -58,7 +58,6 @@ def ceilings():
     a = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
     t = timed(lambda i: a @ b, reps=10)
-    del x, y, a, b
     return bw, 2 * m**3 / t
 
 
@@ -95,7 +94,6 @@ def bench_attention(ext, rows, name, H, topk, ctx, B):
     flops = 4.0 * B * H * (L + topk) * D
     rows.append(dict(kernel="sparse_attention", shape=f"{name} ctx={ctx} B={B}", time_us=t * 1e6,
                      bytes=bytes_one, flops=flops))
-    del sets
     torch.cuda.empty_cache()
 
 
@@ -117,7 +115,6 @@ def bench_indexer(ext, rows, name, topk, ctx, B, Hi=64, Di=128):
     t = timed(run)
     rows.append(dict(kernel="indexer_topk", shape=f"{name} N={N} B={B} topk={topk}", time_us=t * 1e6,
                      bytes=bytes_one, flops=2.0 * B * N * Hi * Di))
-    del sets
     torch.cuda.empty_cache()
 
 
@@ -142,7 +139,6 @@ def bench_compress(ext, rows, kind, entries):
     t = timed(run)
     rows.append(dict(kernel="compress", shape=f"{kind} m={m} entries={entries} fp32 in", time_us=t * 1e6,
                      bytes=bytes_one, flops=6.0 * entries * m * W))
-    del sets
     torch.cuda.empty_cache()
 
 
