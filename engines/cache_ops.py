@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from exporter.cache import BATCH, CSA_ENTRIES, HCA_ENTRIES, Cache, TensorSpec, cache_layout
+from exporter.cache import BATCH, CSA_ENTRIES, HCA_ENTRIES, Cache, TensorSpec, cache_layout, merge_flat
 from exporter.config import CSA, HCA, ModelConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
@@ -141,12 +141,9 @@ def merge(caches: Sequence[Sequence[torch.Tensor]], layout: Sequence[TensorSpec]
     """Concatenate caches along the batch; entry dims are zero-padded to the largest capacity."""
     if not caches:
         raise CacheError("merge needs at least one cache")
-    sizes = [validate(c, layout, what=f"merge: cache {i}") for i, c in enumerate(caches)]
-    if len(caches) == 1:
-        return list(caches[0])
-    target = {d: max(s[d] for s in sizes) for d in sizes[0] if d != BATCH}
-    padded = [_resize(c, layout, target) for c in caches]
-    return [torch.cat(parts, _batch_axis(spec)) for spec, parts in zip(layout, zip(*padded))]
+    for i, c in enumerate(caches):
+        validate(c, layout, what=f"merge: cache {i}")
+    return list(caches[0]) if len(caches) == 1 else merge_flat([list(c) for c in caches], list(layout))
 
 
 def select(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec],

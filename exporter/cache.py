@@ -64,6 +64,22 @@ def cache_layout(config: ModelConfig, dtype: torch.dtype = torch.float32) -> lis
     return specs
 
 
+def merge_flat(caches: list[list[torch.Tensor]], layout: list[TensorSpec]) -> list[torch.Tensor]:
+    """Concatenate flat caches along the batch; named dynamic dims (entry capacities) are
+    zero-padded to the largest. The one merge every backend uses (engines/cache_ops.py too)."""
+    out = []
+    for i, spec in enumerate(layout):
+        parts = [c[i] for c in caches]
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, str) and dim != BATCH:
+                size = max(p.shape[axis] for p in parts)
+                parts = [p if p.shape[axis] == size else
+                         torch.cat([p, p.new_zeros(*p.shape[:axis], size - p.shape[axis], *p.shape[axis + 1:])], axis)
+                         for p in parts]
+        out.append(torch.cat(parts, spec.dims.index(BATCH)))
+    return out
+
+
 @dataclass
 class CompressorState:
     """fp32 projections of the tokens of the unfinished block, `score` with `ape` already added.
@@ -145,26 +161,8 @@ class Cache:
         first = caches[0]
         if any(c.config != first.config for c in caches):
             raise ValueError("Cache.merge: caches come from different model configs")
-        out = cls.__new__(cls)
-        out.config, out.pos = first.config, torch.cat([c.pos for c in caches])
-        out.layers = []
-        for per_seq in zip(*(c.layers for c in caches)):
-            n = max((l.entries.shape[1] for l in per_seq if l.entries is not None), default=0)
-            for l in per_seq:
-                l.reserve(n)  # equal entry capacity, so the buffers stack
-
-            def stack(name: str) -> torch.Tensor | None:
-                parts = [getattr(l, name) for l in per_seq]
-                return None if parts[0] is None else torch.cat([p[:, :n] for p in parts])
-
-            out.layers.append(LayerCache(
-                ratio=per_seq[0].ratio,
-                window_kv=torch.cat([l.window_kv for l in per_seq]),
-                window_pos=torch.cat([l.window_pos for l in per_seq]),
-                entries=stack("entries"), index_keys=stack("index_keys"),
-                compressor=_cat_state([l.compressor for l in per_seq]),
-                index_compressor=_cat_state([l.index_compressor for l in per_seq])))
-        return out
+        layout = cache_layout(first.config, first.layers[0].window_kv.dtype)
+        return cls.from_tensors(first.config, merge_flat([c.to_tensors() for c in caches], layout))
 
     def to_tensors(self) -> list[torch.Tensor]:
         """The cache in `cache_layout` order."""
