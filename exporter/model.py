@@ -116,13 +116,17 @@ class Compressor(nn.Module):
         prev_score = state.score[:, :m, :d] if self.overlap else None
         # Incomplete blocks are pooled too and then dropped; finite scores keep them NaN-free.
         pool_score = torch.where(complete[..., None, None], seq_score, 0.0)
-        pooled = attention_ops().compress_blocks(seq_kv, pool_score, prev_kv, prev_score, self.norm.weight, cos, sin,
-                                     eps=self.norm.eps, quant=self.quant if quant_sim else None)
+        pooled = attention_ops().compress_blocks(seq_kv, pool_score, prev_kv, prev_score, self.norm.weight,
+                                                 cos, sin, eps=self.norm.eps,
+                                                 quant=self.quant if quant_sim else None)
         entries = scatter_rows(entries, block_id, pooled, complete)
 
         # The new open block is stream block (r + S) // m; CSA keeps the block before it too.
         n = ((r + s) // m).view(b, 1, 1, 1)
-        pick = lambda t, i: t.gather(1, i.expand(-1, -1, m, t.shape[-1])).squeeze(1)  # noqa: E731
+
+        def pick(t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:  # stream block i of every row
+            return t.gather(1, i.expand(-1, -1, m, t.shape[-1])).squeeze(1)
+
         new_kv, new_score = pick(seq_kv, n), pick(seq_score, n)
         if self.overlap:
             has_prev = (n > 0).view(b, 1, 1)
@@ -166,7 +170,7 @@ class Indexer(nn.Module):
             q = fake_quant_fp4(hadamard(q))
         w = linear(x, self.weights_proj.weight).float() * self.weight_scale
         return attention_ops().indexer_topk(q, w, layer.index_keys, q_pos, ratio=CSA, topk=self.topk,
-                                bf16_scores=quant_sim)
+                                            bf16_scores=quant_sim)
 
 
 # --------------------------------------------------------------------------- attention
@@ -219,7 +223,7 @@ class Attention(nn.Module):
                 entry_idx = ops.causal_entry_indices(q_pos, entries.shape[1], self.ratio)
 
         o = attention_ops().sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_idx, self.attn_sink,
-                                 window=c.window, scale=self.scale)
+                                             window=c.window, scale=self.scale)
         self._update_window(layer, kv, q_pos)
         o = apply_rope(o, hcos, hsin, inverse=True)
 
