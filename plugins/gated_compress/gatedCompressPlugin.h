@@ -1,8 +1,10 @@
-// hatrt::GatedCompress (HCA) TensorRT plugin; OverlapGatedCompress (CSA) derives from it.
+// hatrt::GatedCompress (HCA) TensorRT plugin; OverlapGatedCompress (CSA) is the same class with the
+// overlap switch on (CompressPlugin<true>, plugins/overlap_gated_compress).
 // Contract: exporter/custom_ops.py, math: exporter/ops.py compress_blocks.
 #pragma once
 
-#include "../common/hatrtPluginCommon.h"
+#include "../common/hatrtPlugin.h"
+#include "../common/hatrtPluginCreator.h"
 
 #include <string>
 
@@ -11,82 +13,55 @@ namespace hatrt
 namespace plugin
 {
 
-class GatedCompressPlugin : public nvinfer1::IPluginV3,
-                            public nvinfer1::IPluginV3OneCore,
-                            public nvinfer1::IPluginV3OneBuild,
-                            public nvinfer1::IPluginV3OneRuntime
+//! Fields (= ONNX attributes) of both compressors: eps (float, required), quant (int 0/1/2, default 0).
+struct CompressFields
 {
-public:
-    //! Fields (= ONNX attributes): eps (float, required), quant (int 0/1/2, default 0).
-    GatedCompressPlugin(float eps, int32_t quant, bool overlap = false);
-    GatedCompressPlugin(GatedCompressPlugin const&) = default;
-    ~GatedCompressPlugin() override = default;
+    float eps = 0.F;
+    int32_t quant = 0;
 
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
-    // IPluginV3OneBuild
-    int32_t getNbOutputs() const noexcept override;
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-        int32_t nbOutputs) noexcept override;
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
-    // IPluginV3OneRuntime
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-
-protected:
-    int32_t expectedInputs() const noexcept
-    {
-        return mOverlap ? 7 : 5;
-    }
-    //! Shape rules of the op; unknown (-1) dims pass. Returns "" when fine.
-    std::string checkShapes(nvinfer1::Dims const* in, int32_t nbInputs) const;
-
-    float mEps;
-    int32_t mQuant;
-    bool mOverlap;
-    FieldCollection mSerialized;
+    static FieldTable<CompressFields> table();
+    static std::string validate(CompressFields const& f, FieldsSeen const& seen);
 };
 
-class GatedCompressPluginCreator : public nvinfer1::IPluginCreatorV3One
+template <bool kOverlap>
+class CompressPlugin : public HatrtPlugin<CompressPlugin<kOverlap>, CompressFields>
 {
 public:
-    GatedCompressPluginCreator();
-    ~GatedCompressPluginCreator() override = default;
+    using Base = HatrtPlugin<CompressPlugin<kOverlap>, CompressFields>;
+    static constexpr char const* kNAME = kOverlap ? "OverlapGatedCompress" : "GatedCompress";
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+    explicit CompressPlugin(CompressFields const& fields)
+        : Base(fields)
+    {
+    }
 
 private:
-    std::vector<nvinfer1::PluginField> mAttributes;
-    nvinfer1::PluginFieldCollection mFC{};
+    friend Base;
+    using Base::mFields;
+
+    int32_t expectedInputs() const noexcept
+    {
+        return kOverlap ? 7 : 5;
+    }
+    //! Shape rules of the op; unknown (-1) dims pass. Returns "" when fine.
+    std::string checkShapes(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs) const;
+    //! configurePlugin logs a wrong output count (the other plugins refuse it silently).
+    bool configureOutputCount(int32_t nbOutputs) const noexcept;
+    bool supportsType(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs) const noexcept;
+    nvinfer1::DataType outputDataType(nvinfer1::DataType const* inputTypes) const noexcept;
+    int32_t outputShape(
+        nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& out, nvinfer1::IExprBuilder& exprBuilder) const noexcept;
+    size_t workspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs) const noexcept;
+    int32_t enqueueOp(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream);
 };
 
-//! Parses eps / quant for both compressor creators. Returns "" when fine.
-std::string parseCompressFields(nvinfer1::PluginFieldCollection const* fc, float& eps, int32_t& quant);
+// Both instantiations live in gatedCompressPlugin.cpp.
+extern template class CompressPlugin<false>;
+extern template class CompressPlugin<true>;
+
+using GatedCompressPlugin = CompressPlugin<false>;
+using GatedCompressPluginCreator = HatrtPluginCreator<GatedCompressPlugin>;
 
 } // namespace plugin
 } // namespace hatrt

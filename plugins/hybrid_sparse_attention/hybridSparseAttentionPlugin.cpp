@@ -1,7 +1,5 @@
 #include "hybridSparseAttentionPlugin.h"
 
-#include <cstring>
-
 using namespace nvinfer1;
 
 namespace hatrt
@@ -10,7 +8,6 @@ namespace plugin
 {
 namespace
 {
-char const* const kNAME = "HybridSparseAttention";
 // inputs: q, q_pos, window_kv, window_pos, entries, entry_idx, sink
 constexpr int32_t kQ = 0, kQ_POS = 1, kWINDOW_KV = 2, kWINDOW_POS = 3, kENTRIES = 4, kENTRY_IDX = 5, kSINK = 6;
 constexpr int32_t kNB_INPUTS = 7;
@@ -22,53 +19,29 @@ bool isPackedKv(PluginTensorDesc const& d)
 }
 } // namespace
 
-HybridSparseAttentionPlugin::HybridSparseAttentionPlugin(int32_t window_, float scale_)
-    : window(window_)
-    , scale(scale_)
+// ----------------------------------------------------------------------------- fields
+FieldTable<HybridSparseAttentionFields> HybridSparseAttentionFields::table()
 {
+    static constexpr FieldDef<HybridSparseAttentionFields> kDEFS[] = {
+        intField("window", &HybridSparseAttentionFields::window),
+        floatField("scale", &HybridSparseAttentionFields::scale),
+    };
+    return makeFieldTable(kDEFS);
 }
 
-IPluginCapability* HybridSparseAttentionPlugin::getCapabilityInterface(PluginCapabilityType type) noexcept
+std::string HybridSparseAttentionFields::validate(HybridSparseAttentionFields const& f, FieldsSeen const& seen)
 {
-    switch (type)
-    {
-    case PluginCapabilityType::kBUILD: return static_cast<IPluginV3OneBuild*>(this);
-    case PluginCapabilityType::kRUNTIME: return static_cast<IPluginV3OneRuntime*>(this);
-    case PluginCapabilityType::kCORE: return static_cast<IPluginV3OneCore*>(this);
-    }
-    return nullptr;
+    if (!seen("window") || !seen("scale"))
+        return "required fields 'window' and 'scale' must be given";
+    if (f.window < 0)
+        return "window must be >= 0, got " + std::to_string(f.window);
+    return "";
 }
 
-IPluginV3* HybridSparseAttentionPlugin::clone() noexcept
+// ----------------------------------------------------------------------------- plugin
+int32_t HybridSparseAttentionPlugin::expectedInputs() const noexcept
 {
-    try
-    {
-        return new HybridSparseAttentionPlugin(*this);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
-}
-
-char const* HybridSparseAttentionPlugin::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* HybridSparseAttentionPlugin::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* HybridSparseAttentionPlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-int32_t HybridSparseAttentionPlugin::getNbOutputs() const noexcept
-{
-    return 1;
+    return kNB_INPUTS;
 }
 
 std::string HybridSparseAttentionPlugin::checkShapes(PluginTensorDesc const* in, int32_t nbInputs) const
@@ -108,38 +81,10 @@ std::string HybridSparseAttentionPlugin::checkShapes(PluginTensorDesc const* in,
     return "";
 }
 
-int32_t HybridSparseAttentionPlugin::configurePlugin(
-    DynamicPluginTensorDesc const* in, int32_t nbInputs, DynamicPluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+bool HybridSparseAttentionPlugin::supportsType(
+    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t /*nbInputs*/) const noexcept
 {
-    try
-    {
-        if (nbOutputs != 1)
-            return -1;
-        std::vector<PluginTensorDesc> descs(static_cast<size_t>(nbInputs));
-        for (int32_t i = 0; i < nbInputs; ++i)
-            descs[i] = in[i].desc;
-        std::string const err = checkShapes(descs.data(), nbInputs);
-        if (!err.empty())
-        {
-            logError(std::string(kNAME) + ": " + err);
-            return -1;
-        }
-        return 0;
-    }
-    catch (...)
-    {
-        return -1;
-    }
-}
-
-bool HybridSparseAttentionPlugin::supportsFormatCombination(
-    int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
-{
-    if (nbInputs != kNB_INPUTS || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs)
-        return false;
     PluginTensorDesc const& desc = inOut[pos].desc;
-    if (desc.format != TensorFormat::kLINEAR)
-        return false;
     switch (pos)
     {
     case kQ: return isFloatType(desc.type);
@@ -155,191 +100,65 @@ bool HybridSparseAttentionPlugin::supportsFormatCombination(
     }
 }
 
-int32_t HybridSparseAttentionPlugin::getOutputDataTypes(
-    DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes, int32_t nbInputs) const noexcept
+DataType HybridSparseAttentionPlugin::outputDataType(DataType const* inputTypes) const noexcept
 {
-    if (nbOutputs != 1 || nbInputs != kNB_INPUTS)
+    return inputTypes[kQ];
+}
+
+int32_t HybridSparseAttentionPlugin::outputShape(
+    DimsExprs const* inputs, DimsExprs& out, IExprBuilder& /*exprBuilder*/) const noexcept
+{
+    if (inputs[kQ].nbDims != 4)
         return -1;
-    outputTypes[0] = inputTypes[kQ];
+    out = inputs[kQ];
     return 0;
 }
 
-int32_t HybridSparseAttentionPlugin::getOutputShapes(DimsExprs const* inputs, int32_t nbInputs,
-    DimsExprs const* /*shapeInputs*/, int32_t /*nbShapeInputs*/, DimsExprs* outputs, int32_t nbOutputs,
-    IExprBuilder& /*exprBuilder*/) noexcept
+size_t HybridSparseAttentionPlugin::workspaceSize(DynamicPluginTensorDesc const* inputs) const noexcept
 {
-    if (nbOutputs != 1 || nbInputs != kNB_INPUTS || inputs[kQ].nbDims != 4)
-        return -1;
-    outputs[0] = inputs[kQ];
-    return 0;
-}
-
-size_t HybridSparseAttentionPlugin::getWorkspaceSize(
-    DynamicPluginTensorDesc const* inputs, int32_t nbInputs, DynamicPluginTensorDesc const*, int32_t) const noexcept
-{
-    if (nbInputs != kNB_INPUTS)
-        return 0;
     return sparse_attention_workspace_bytes(
         static_cast<int32_t>(inputs[kQ].max.d[2]), static_cast<int32_t>(inputs[kQ].max.d[3]), kWORKSPACE_SMS);
 }
 
-int32_t HybridSparseAttentionPlugin::onShapeChange(
-    PluginTensorDesc const* in, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
+int32_t HybridSparseAttentionPlugin::enqueueOp(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
+    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream)
 {
-    try
-    {
-        if (nbOutputs != 1)
-            return -1;
-        std::string const err = checkShapes(in, nbInputs);
-        if (!err.empty())
-        {
-            logError(std::string(kNAME) + ": " + err);
-            return -1;
-        }
-        return 0;
-    }
-    catch (...)
-    {
-        return -1;
-    }
-}
-
-int32_t HybridSparseAttentionPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* outputDesc,
-    void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept
-{
-    try
-    {
-        std::string const shapeErr = checkShapes(inputDesc, kNB_INPUTS);
-        if (!shapeErr.empty())
-            return reportLaunch(kNAME, shapeErr.c_str(), cudaSuccess);
-        if (outputDesc[0].type != inputDesc[kQ].type)
-            return reportLaunch(kNAME, "output dtype must equal q's dtype", cudaSuccess);
-        Dims const& q = inputDesc[kQ].dims;
-        SparseAttentionParams p;
-        p.B = q.d[0];
-        p.S = q.d[1];
-        p.H = static_cast<int32_t>(q.d[2]);
-        p.D = static_cast<int32_t>(q.d[3]);
-        p.L = inputDesc[kWINDOW_KV].dims.d[1];
-        p.N = inputDesc[kENTRIES].dims.d[1];
-        p.K = inputDesc[kENTRY_IDX].dims.d[2];
-        p.window = window;
-        p.scale = scale;
-        p.q = inputs[kQ];
-        p.q_dtype = toDType(inputDesc[kQ].type);
-        p.q_pos = inputs[kQ_POS];
-        p.q_pos_type = toIndexType(inputDesc[kQ_POS].type);
-        p.window_kv = inputs[kWINDOW_KV];
-        p.window_pos = inputs[kWINDOW_POS];
-        p.window_pos_type = toIndexType(inputDesc[kWINDOW_POS].type);
-        p.entries = inputs[kENTRIES];
-        p.entry_idx = inputs[kENTRY_IDX];
-        p.entry_idx_type = toIndexType(inputDesc[kENTRY_IDX].type);
-        p.kv_dtype = isPackedKv(inputDesc[kWINDOW_KV]) ? DType::kEntry584 : toDType(inputDesc[kWINDOW_KV].type);
-        if (inputDesc[kENTRIES].type != inputDesc[kWINDOW_KV].type)
-            return reportLaunch(kNAME, "window_kv and entries must have the same dtype", cudaSuccess);
-        p.sink = inputs[kSINK];
-        p.sink_dtype = toDType(inputDesc[kSINK].type);
-        p.out = outputs[0];
-        p.workspace = workspace;
-        p.workspace_bytes = workspace ? sparse_attention_workspace_bytes(p.H, p.D, kWORKSPACE_SMS) : 0;
-        char const* msg = sparse_attention_check(p);
-        return reportLaunch(kNAME, msg, msg ? cudaSuccess : sparse_attention(p, stream));
-    }
-    catch (...)
-    {
-        return -1;
-    }
-}
-
-IPluginV3* HybridSparseAttentionPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
-{
-    return clone();
-}
-
-PluginFieldCollection const* HybridSparseAttentionPlugin::getFieldsToSerialize() noexcept
-{
-    mSerialized.clear();
-    mSerialized.addInt("window", &window);
-    mSerialized.addFloat("scale", &scale);
-    return mSerialized.get();
-}
-
-// ----------------------------------------------------------------------------- creator
-HybridSparseAttentionPluginCreator::HybridSparseAttentionPluginCreator()
-{
-    mAttributes.emplace_back("window", nullptr, PluginFieldType::kINT32, 1);
-    mAttributes.emplace_back("scale", nullptr, PluginFieldType::kFLOAT32, 1);
-    mFC.nbFields = static_cast<int32_t>(mAttributes.size());
-    mFC.fields = mAttributes.data();
-}
-
-char const* HybridSparseAttentionPluginCreator::getPluginName() const noexcept
-{
-    return kNAME;
-}
-
-char const* HybridSparseAttentionPluginCreator::getPluginVersion() const noexcept
-{
-    return kPLUGIN_VERSION;
-}
-
-char const* HybridSparseAttentionPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
-}
-
-PluginFieldCollection const* HybridSparseAttentionPluginCreator::getFieldNames() noexcept
-{
-    return &mFC;
-}
-
-IPluginV3* HybridSparseAttentionPluginCreator::createPlugin(
-    char const* name, PluginFieldCollection const* fc, TensorRTPhase /*phase*/) noexcept
-{
-    try
-    {
-        std::string const who = std::string(kNAME) + " '" + (name ? name : "") + "': ";
-        if (fc == nullptr)
-        {
-            logError(who + "no plugin fields");
-            return nullptr;
-        }
-        int32_t window = 0;
-        float scale = 0.F;
-        bool haveWindow = false, haveScale = false;
-        std::string err;
-        for (int32_t i = 0; i < fc->nbFields; ++i)
-        {
-            PluginField const& f = fc->fields[i];
-            if (f.name == nullptr)
-                continue;
-            bool ok = true;
-            if (std::strcmp(f.name, "window") == 0)
-                ok = readIntField(f, window, err), haveWindow = true;
-            else if (std::strcmp(f.name, "scale") == 0)
-                ok = readFloatField(f, scale, err), haveScale = true;
-            if (!ok)
-            {
-                logError(who + err);
-                return nullptr;
-            }
-        }
-        if (!haveWindow || !haveScale)
-            err = "required fields 'window' and 'scale' must be given";
-        else if (window < 0)
-            err = "window must be >= 0, got " + std::to_string(window);
-        if (!err.empty())
-        {
-            logError(who + err);
-            return nullptr;
-        }
-        return new HybridSparseAttentionPlugin(window, scale);
-    }
-    catch (...)
-    {
-        return nullptr;
-    }
+    std::string const shapeErr = checkShapes(inputDesc, kNB_INPUTS);
+    if (!shapeErr.empty())
+        return reportLaunch(kNAME, shapeErr.c_str(), cudaSuccess);
+    if (outputDesc[0].type != inputDesc[kQ].type)
+        return reportLaunch(kNAME, "output dtype must equal q's dtype", cudaSuccess);
+    Dims const& q = inputDesc[kQ].dims;
+    SparseAttentionParams p;
+    p.B = q.d[0];
+    p.S = q.d[1];
+    p.H = static_cast<int32_t>(q.d[2]);
+    p.D = static_cast<int32_t>(q.d[3]);
+    p.L = inputDesc[kWINDOW_KV].dims.d[1];
+    p.N = inputDesc[kENTRIES].dims.d[1];
+    p.K = inputDesc[kENTRY_IDX].dims.d[2];
+    p.window = mFields.window;
+    p.scale = mFields.scale;
+    p.q = inputs[kQ];
+    p.q_dtype = toDType(inputDesc[kQ].type);
+    p.q_pos = inputs[kQ_POS];
+    p.q_pos_type = toIndexType(inputDesc[kQ_POS].type);
+    p.window_kv = inputs[kWINDOW_KV];
+    p.window_pos = inputs[kWINDOW_POS];
+    p.window_pos_type = toIndexType(inputDesc[kWINDOW_POS].type);
+    p.entries = inputs[kENTRIES];
+    p.entry_idx = inputs[kENTRY_IDX];
+    p.entry_idx_type = toIndexType(inputDesc[kENTRY_IDX].type);
+    p.kv_dtype = isPackedKv(inputDesc[kWINDOW_KV]) ? DType::kEntry584 : toDType(inputDesc[kWINDOW_KV].type);
+    if (inputDesc[kENTRIES].type != inputDesc[kWINDOW_KV].type)
+        return reportLaunch(kNAME, "window_kv and entries must have the same dtype", cudaSuccess);
+    p.sink = inputs[kSINK];
+    p.sink_dtype = toDType(inputDesc[kSINK].type);
+    p.out = outputs[0];
+    p.workspace = workspace;
+    p.workspace_bytes = workspace ? sparse_attention_workspace_bytes(p.H, p.D, kWORKSPACE_SMS) : 0;
+    char const* msg = sparse_attention_check(p);
+    return reportLaunch(kNAME, msg, msg ? cudaSuccess : sparse_attention(p, stream));
 }
 
 } // namespace plugin

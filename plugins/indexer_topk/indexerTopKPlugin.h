@@ -2,7 +2,8 @@
 // indexer_topk (rank order, lower index first on equal scores, -1 padded, visibility (t+1)//ratio).
 #pragma once
 
-#include "../common/hatrtPluginCommon.h"
+#include "../common/hatrtPlugin.h"
+#include "../common/hatrtPluginCreator.h"
 
 #include <string>
 
@@ -11,70 +12,47 @@ namespace hatrt
 namespace plugin
 {
 
-class IndexerTopKPlugin : public nvinfer1::IPluginV3,
-                          public nvinfer1::IPluginV3OneCore,
-                          public nvinfer1::IPluginV3OneBuild,
-                          public nvinfer1::IPluginV3OneRuntime
+//! Fields (= ONNX attributes): ratio (int), topk (int), bf16_scores (int 0/1, default 0).
+struct IndexerTopKFields
 {
-public:
-    //! Fields (= ONNX attributes): ratio (int), topk (int), bf16_scores (int 0/1, default 0).
-    IndexerTopKPlugin(int32_t ratio, int32_t topk, int32_t bf16Scores);
-    IndexerTopKPlugin(IndexerTopKPlugin const&) = default;
-    ~IndexerTopKPlugin() override = default;
+    int32_t ratio = 0;
+    int32_t topk = 0;
+    int32_t bf16_scores = 0;
 
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
-    int32_t getNbOutputs() const noexcept override;
-    int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
-    bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
-        int32_t nbOutputs) noexcept override;
-    int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
-        nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept override;
-    int32_t getOutputShapes(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1::DimsExprs const* shapeInputs,
-        int32_t nbShapeInputs, nvinfer1::DimsExprs* outputs, int32_t nbOutputs,
-        nvinfer1::IExprBuilder& exprBuilder) noexcept override;
-    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-
-    int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
-        int32_t nbOutputs) noexcept override;
-    int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
-        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
-
-private:
-    std::string checkShapes(nvinfer1::Dims const* in, int32_t nbInputs) const;
-
-    int32_t ratio;
-    int32_t topk;
-    int32_t bf16_scores;
-    FieldCollection mSerialized;
+    static FieldTable<IndexerTopKFields> table();
+    static std::string validate(IndexerTopKFields const& f, FieldsSeen const& seen);
 };
 
-class IndexerTopKPluginCreator : public nvinfer1::IPluginCreatorV3One
+class IndexerTopKPlugin : public HatrtPlugin<IndexerTopKPlugin, IndexerTopKFields>
 {
 public:
-    IndexerTopKPluginCreator();
-    ~IndexerTopKPluginCreator() override = default;
+    using Base = HatrtPlugin<IndexerTopKPlugin, IndexerTopKFields>;
+    static constexpr char const* kNAME = "IndexerTopK";
+    static constexpr int32_t kNB_INPUTS = 4; // q, weights, keys, q_pos
 
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
+    explicit IndexerTopKPlugin(IndexerTopKFields const& fields)
+        : Base(fields)
+    {
+    }
 
 private:
-    std::vector<nvinfer1::PluginField> mAttributes;
-    nvinfer1::PluginFieldCollection mFC{};
+    friend Base;
+
+    int32_t expectedInputs() const noexcept
+    {
+        return kNB_INPUTS;
+    }
+    std::string checkShapes(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs) const;
+    bool supportsType(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs) const noexcept;
+    nvinfer1::DataType outputDataType(nvinfer1::DataType const* inputTypes) const noexcept;
+    int32_t outputShape(
+        nvinfer1::DimsExprs const* inputs, nvinfer1::DimsExprs& out, nvinfer1::IExprBuilder& exprBuilder) const noexcept;
+    size_t workspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs) const noexcept;
+    int32_t enqueueOp(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
+        void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream);
 };
+
+using IndexerTopKPluginCreator = HatrtPluginCreator<IndexerTopKPlugin>;
 
 } // namespace plugin
 } // namespace hatrt

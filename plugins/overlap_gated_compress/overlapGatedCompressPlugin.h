@@ -10,35 +10,8 @@ namespace hatrt
 namespace plugin
 {
 
-class OverlapGatedCompressPlugin : public GatedCompressPlugin
-{
-public:
-    OverlapGatedCompressPlugin(float eps, int32_t quant)
-        : GatedCompressPlugin(eps, quant, true)
-    {
-    }
-    OverlapGatedCompressPlugin(OverlapGatedCompressPlugin const&) = default;
-
-    nvinfer1::IPluginV3* clone() noexcept override;
-};
-
-class OverlapGatedCompressPluginCreator : public nvinfer1::IPluginCreatorV3One
-{
-public:
-    OverlapGatedCompressPluginCreator();
-    ~OverlapGatedCompressPluginCreator() override = default;
-
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    nvinfer1::IPluginV3* createPlugin(
-        char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-
-private:
-    std::vector<nvinfer1::PluginField> mAttributes;
-    nvinfer1::PluginFieldCollection mFC{};
-};
+using OverlapGatedCompressPlugin = CompressPlugin<true>;
+using OverlapGatedCompressPluginCreator = HatrtPluginCreator<OverlapGatedCompressPlugin>;
 
 } // namespace plugin
 } // namespace hatrt
