@@ -118,17 +118,6 @@ class LayerCache:
             grown[:, : buf.shape[1]] = buf
             setattr(self, name, grown)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"window_kv": self.window_kv, "window_pos": self.window_pos}
-        for name in ("entries", "index_keys"):
-            if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
-        for name in ("compressor", "index_compressor"):
-            state = getattr(self, name)
-            if state is not None:
-                out[f"{name}.kv"], out[f"{name}.score"] = state.kv, state.score
-        return out
-
 
 class Cache:
     """Decoding state of a batch: per-layer caches and each sequence's next position."""
@@ -197,19 +186,18 @@ class Cache:
     def batch(self) -> int:
         return self.pos.shape[0]
 
+    def _layer_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(layout name, tensor) of every per-layer cache tensor (`pos` excluded)."""
+        layout = cache_layout(self.config, self.layers[0].window_kv.dtype)
+        return [(spec.name, t) for spec, t in zip(layout, self.to_tensors()) if spec.name != "pos"]
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors().values())
+        return sum(t.numel() * t.element_size() for _, t in self._layer_tensors())
 
     def nbytes_by_part(self) -> dict[str, int]:
+        """Bytes per kind of tensor over all layers: window_kv, entries, compressor, ..."""
         parts: dict[str, int] = {}
-        for layer in self.layers:
-            for name, t in layer.tensors().items():
-                key = name.split(".")[0]
-                parts[key] = parts.get(key, 0) + t.numel() * t.element_size()
+        for name, t in self._layer_tensors():
+            key = name.split(".")[1]  # "layer2.compressor.kv" -> "compressor"
+            parts[key] = parts.get(key, 0) + t.numel() * t.element_size()
         return parts
-
-
-def _cat_state(states: list[CompressorState | None]) -> CompressorState | None:
-    if states[0] is None:
-        return None
-    return CompressorState(torch.cat([s.kv for s in states]), torch.cat([s.score for s in states]))
