@@ -3,7 +3,7 @@
 #   1. build the kernel library + plugin library with CMake (plugin library only when the TensorRT
 #      headers are present: carry third_party/TensorRT/include), sm_90a on Hopper;
 #   2. build the torch extension that exposes the launchers and run the reference comparisons
-#      (plugins/tests/test_kernels_gpu.py: fresh random inputs, NaN-poisoned outputs);
+#      (plugins/tests/test_kernels.py, target cuda: fresh random inputs, NaN-poisoned outputs);
 #   3. run the plugin harness (creators -> plugins -> enqueue on the GPU, no TensorRT builder);
 #   4. a small benchmark (plugins/bench/bench_kernels.py) with the card's copy bandwidth / matmul rate.
 # Everything is logged under $OUT (the device tool's output folder) or build/gpu_check.
@@ -40,9 +40,9 @@ timeout 300 "$PY" plugins/tests/kernels_ext.py 2>&1 | tail -5 | tee "$OUT_DIR/ex
 
 step "reference comparisons"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider plugins/tests/test_kernels_gpu.py -rA 2>&1 | tail -25 | tee "$OUT_DIR/tests.txt"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider plugins/tests/test_kernels.py -k cuda -rA 2>&1 | tail -25 | tee "$OUT_DIR/tests.txt"
 else
-  timeout 300 "$PY" plugins/tests/test_kernels_gpu.py 2>&1 | tee "$OUT_DIR/tests.txt"
+  timeout 300 "$PY" plugins/tests/test_kernels.py 2>&1 | tee "$OUT_DIR/tests.txt"
 fi
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
 

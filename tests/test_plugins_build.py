@@ -8,8 +8,9 @@
   with --no-undefined and WITHOUT libnvinfer (the plugins use only header-defined interfaces), the
   library's exports are checked (getCreators returns the four creators, setLoggerFinder exists), and
   the plugin harness runs its CPU part (creators, fields, type negotiation, serialization).
-The GPU comparisons against the PyTorch reference live in plugins/tests/test_kernels_gpu.py
-(run by scripts/gpu_check.sh on a GPU machine).
+The comparisons against the PyTorch reference live in plugins/tests/test_kernels.py (on a GPU, run
+by scripts/gpu_check.sh, and the same kernels on the CPU emulator in every run);
+tests/test_cuda_emu.py self-tests the emulator and runs the plugin harness's enqueue part on it.
 """
 
 from __future__ import annotations

@@ -12,6 +12,16 @@
 #include <cstdint>
 #include <type_traits>
 
+// The two CUDA-only syntaxes, spelled so that the CPU emulator (plugins/emu, used by the tests)
+// compiles the very same kernel source.
+#ifdef HATRT_CUDA_EMU
+#define HATRT_DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(::hatrt::emu::dynamic_smem())
+#define HATRT_LAUNCH(kernel, grid, block, smem, stream) ::hatrt::emu::launch(kernel, grid, block, smem, stream)
+#else
+#define HATRT_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define HATRT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
+#endif
+
 namespace hatrt
 {
 namespace detail

@@ -5,10 +5,12 @@
 //   (getOutputDataTypes, supportsFormatCombination: exactly the declared output types, the
 //   accepted input types); serialization round trip (getFieldsToSerialize -> createPlugin(kRUNTIME));
 //   clone.
-//   GPU part (when a CUDA device is present): onShapeChange + enqueue of every plugin on small random
-//   inputs with NaN-poisoned outputs; the result must equal the kernel launcher's bit for bit (the
-//   launchers are checked against the PyTorch reference by plugins/tests/test_kernels_gpu.py), and
-//   unsupported shapes must make enqueue fail with a logged message.
+//   GPU part (when a CUDA device is present, or built with the CUDA emulator: -DHATRT_CUDA_EMU,
+//   kernels from plugins/emu, see tests/test_cuda_emu.py): onShapeChange + enqueue of every plugin
+//   on small random inputs with NaN-poisoned outputs; the result must equal the kernel launcher's
+//   bit for bit (the launchers are checked against the PyTorch reference by
+//   plugins/tests/test_kernels.py), and unsupported shapes must make enqueue fail with a logged
+//   message.
 // Exit status: number of failed checks (0 = all passed).
 #include "NvInferRuntime.h"
 #include "hatrt/kernels.h"
@@ -543,6 +545,9 @@ int main()
     int devices = 0;
     if (cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0)
     {
+#ifdef HATRT_CUDA_EMU
+        std::printf("GPU part: on the CUDA emulator (plugins/emu), kernels compiled for the CPU\n");
+#endif
         gpuCompress();
         gpuIndexer();
         gpuAttention(false);

@@ -1,11 +1,18 @@
-// Torch bindings of the plain C++ kernel launchers (plugins/csrc), for the GPU tests and the
+// Torch bindings of the plain C++ kernel launchers (plugins/csrc), for the kernel tests and the
 // benchmark only: torch.utils.cpp_extension.load builds this file with csrc/kernels/*.cu on a GPU
-// machine (see plugins/tests/kernels_ext.py). Outputs are passed in (the tests poison them first).
+// machine, or with the same kernels compiled for the CPU emulator (HATRT_CUDA_EMU, plugins/emu:
+// CPU tensors, no stream). See plugins/tests/kernels_ext.py. Outputs are passed in (the tests
+// poison them first).
 #include "hatrt/kernels.h"
 
+#include <torch/extension.h>
+#ifndef HATRT_CUDA_EMU
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#define HATRT_DEVICE_GUARD(t) c10::cuda::CUDAGuard guard((t).device())
+#else
+#define HATRT_DEVICE_GUARD(t) (void) (t)
+#endif
 
 namespace
 {
@@ -31,7 +38,11 @@ hatrt::IndexType idtype(at::Tensor const& t)
 
 void check_cuda(at::Tensor const& t, char const* name)
 {
+#ifdef HATRT_CUDA_EMU
+    TORCH_CHECK(t.is_cpu(), name, " must be a CPU tensor (CUDA emulator build)");
+#else
     TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+#endif
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -43,7 +54,11 @@ void finish(char const* what, char const* msg, cudaError_t err)
 
 cudaStream_t stream()
 {
+#ifdef HATRT_CUDA_EMU
+    return nullptr;
+#else
     return c10::cuda::getCurrentCUDAStream().stream();
+#endif
 }
 
 // out[B, S, H, D] (q dtype) <- HybridSparseAttention. window_kv / entries: float tensors [B, L|N, D]
@@ -54,7 +69,7 @@ void sparse_attention(at::Tensor out, at::Tensor q, at::Tensor q_pos, at::Tensor
 {
     for (auto* t : {&out, &q, &q_pos, &window_kv, &window_pos, &entries, &entry_idx, &sink})
         check_cuda(*t, "sparse_attention input");
-    c10::cuda::CUDAGuard guard(q.device());
+    HATRT_DEVICE_GUARD(q);
     TORCH_CHECK(q.dim() == 4 && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "bad q/out");
     bool const packed = window_kv.scalar_type() == at::kByte;
     hatrt::SparseAttentionParams p;
@@ -86,7 +101,7 @@ void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor k
 {
     for (auto* t : {&out, &q, &weights, &keys, &q_pos})
         check_cuda(*t, "indexer_topk input");
-    c10::cuda::CUDAGuard guard(q.device());
+    HATRT_DEVICE_GUARD(q);
     TORCH_CHECK(out.scalar_type() == at::kLong && out.dim() == 3 && out.size(2) == topk, "bad out");
     hatrt::IndexerTopKParams p;
     p.B = q.size(0), p.S = q.size(1), p.Hi = int32_t(q.size(2)), p.Di = int32_t(q.size(3)), p.N = keys.size(1);
@@ -117,7 +132,7 @@ void compress(c10::optional<at::Tensor> out, at::Tensor kv, at::Tensor score, c1
 {
     for (auto* t : {&kv, &score, &norm_weight, &cos, &sin})
         check_cuda(*t, "compress input");
-    c10::cuda::CUDAGuard guard(kv.device());
+    HATRT_DEVICE_GUARD(kv);
     bool const overlap = prev_kv.has_value();
     hatrt::CompressParams p;
     p.B = kv.size(0), p.N = kv.size(1), p.m = int32_t(kv.size(2));
@@ -161,7 +176,7 @@ void kv_write_584(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> sl
 {
     check_cuda(cache, "cache");
     check_cuda(src, "src");
-    c10::cuda::CUDAGuard guard(src.device());
+    HATRT_DEVICE_GUARD(src);
     TORCH_CHECK(cache.scalar_type() == at::kByte && cache.size(-1) == 584, "cache must be uint8 [.., 584]");
     TORCH_CHECK(src.size(-1) == 512, "src must be [..., 512]");
     hatrt::KvWriteParams p;
@@ -182,7 +197,7 @@ void kv_read_584(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slo
 {
     check_cuda(cache, "cache");
     check_cuda(out, "out");
-    c10::cuda::CUDAGuard guard(cache.device());
+    HATRT_DEVICE_GUARD(cache);
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 512, "out must be float32 [n, 512]");
     void const* s = nullptr;
     hatrt::IndexType st = hatrt::IndexType::kInt64;

@@ -328,7 +328,7 @@ cudaError_t compress(CompressParams const& p, cudaStream_t stream)
     a.nw = p.norm_weight, a.nw_dtype = p.norm_weight_dtype;
     a.cos = p.cos, a.cos_dtype = p.cos_dtype, a.sin = p.sin, a.sin_dtype = p.sin_dtype;
     a.out = p.out, a.cache = p.cache, a.cache_slot = p.cache_slot, a.cache_slot_type = p.cache_slot_type;
-    compress_kernel<<<unsigned(p.B * p.N), kThreads, 0, stream>>>(a);
+    HATRT_LAUNCH(compress_kernel, unsigned(p.B * p.N), kThreads, 0, stream)(a);
     return cudaGetLastError();
 }
 

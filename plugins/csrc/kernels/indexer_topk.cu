@@ -326,7 +326,7 @@ __device__ void block_topk(float const* scores, int64_t n, int k, int64_t* out, 
 template <bool kSmemScores>
 __global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
 {
-    extern __shared__ float4 smem4[];
+    HATRT_DYNAMIC_SMEM(float4, smem4);
     float* smem = reinterpret_cast<float*>(smem4);
     __shared__ SelectSmem sel;
     int64_t const row = a.row0 + blockIdx.x;
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
 //! Grid-wide scoring for few, long rows: block (chunk, row) scores keys [chunk * n_chunk, ...).
 __global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
 {
-    extern __shared__ float4 smem4[];
+    HATRT_DYNAMIC_SMEM(float4, smem4);
     float* smem = reinterpret_cast<float*>(smem4);
     int64_t const row = a.row0 + blockIdx.y;
     int64_t const n = visible_count(a, row);
@@ -445,7 +445,7 @@ cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
         if (err != cudaSuccess)
             return err;
         a.row0 = 0;
-        kernel<<<unsigned(rows), kThreads, fused_smem, stream>>>(a);
+        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, fused_smem, stream)(a);
         return cudaGetLastError();
     }
     if (p.N == 0)
@@ -456,7 +456,7 @@ cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
         if (err != cudaSuccess)
             return err;
         a.row0 = 0;
-        kernel<<<unsigned(rows), kThreads, score_smem, stream>>>(a);
+        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, score_smem, stream)(a);
         return cudaGetLastError();
     }
     if (ws_rows == 0)
@@ -477,7 +477,7 @@ cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
         {
             a.row0 = r0;
             int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
-            kernel<<<unsigned(nr), kThreads, score_smem, stream>>>(a);
+            HATRT_LAUNCH(kernel, unsigned(nr), kThreads, score_smem, stream)(a);
             if ((err = cudaGetLastError()) != cudaSuccess)
                 return err;
         }
@@ -498,10 +498,10 @@ cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
         n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
         a.n_chunk = int32_t(n_chunk);
         dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
-        indexer_score_kernel<<<grid, kThreads, score_smem, stream>>>(a);
+        HATRT_LAUNCH(indexer_score_kernel, grid, kThreads, score_smem, stream)(a);
         if ((err = cudaGetLastError()) != cudaSuccess)
             return err;
-        indexer_select_kernel<<<unsigned(nr), kThreads, 0, stream>>>(a);
+        HATRT_LAUNCH(indexer_select_kernel, unsigned(nr), kThreads, 0, stream)(a);
         if ((err = cudaGetLastError()) != cudaSuccess)
             return err;
     }

@@ -127,7 +127,7 @@ cudaError_t kv_write_584(KvWriteParams const& p, cudaStream_t stream)
         return cudaErrorInvalidValue;
     if (p.n == 0)
         return cudaSuccess;
-    kv_write_584_kernel<<<unsigned((p.n + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
+    HATRT_LAUNCH(kv_write_584_kernel, unsigned((p.n + kWarps - 1) / kWarps), kThreads, 0, stream)(p);
     return cudaGetLastError();
 }
 
@@ -139,7 +139,7 @@ cudaError_t kv_read_584(int64_t n, uint8_t const* cache, void const* slot, Index
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    kv_read_584_kernel<<<unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream>>>(n, cache, slot, slot_type, out);
+    HATRT_LAUNCH(kv_read_584_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(n, cache, slot, slot_type, out);
     return cudaGetLastError();
 }
 

@@ -58,7 +58,7 @@ size_t smem_bytes(int D)
 template <class Loader>
 __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(SaArgs a, Loader win, Loader ent)
 {
-    extern __shared__ float4 smem4[];
+    HATRT_DYNAMIC_SMEM(float4, smem4);
     float* smem = reinterpret_cast<float*>(smem4);
     int const D = a.D;
     int const pitch = D + 4;
@@ -301,11 +301,11 @@ cudaError_t launch(SaArgs const& a, Loader win, Loader ent, cudaStream_t stream)
     if (err != cudaSuccess)
         return err;
     dim3 grid(unsigned(a.rows), unsigned((a.H + kHeads - 1) / kHeads), unsigned(a.splits));
-    kernel<<<grid, kThreads, smem, stream>>>(a, win, ent);
+    HATRT_LAUNCH(kernel, grid, kThreads, smem, stream)(a, win, ent);
     err = cudaGetLastError();
     if (err != cudaSuccess || a.splits == 1)
         return err;
-    sparse_attention_combine_kernel<<<unsigned(a.rows * a.H), 128, 0, stream>>>(a);
+    HATRT_LAUNCH(sparse_attention_combine_kernel, unsigned(a.rows * a.H), 128, 0, stream)(a);
     return cudaGetLastError();
 }
 

@@ -1,11 +1,17 @@
-"""GPU checks of the hatrt CUDA kernels against the PyTorch reference (exporter/ops.py).
+"""The hatrt CUDA kernels against the PyTorch reference (exporter/ops.py), on two targets:
 
-Skipped without CUDA. On a GPU machine the launchers are built into a torch extension
-(plugins/tests/kernels_ext.py) and each check draws FRESH random inputs (the seed is printed on
-failure), fills the outputs with NaN (or a byte pattern) first, and checks that every element was
-written and matches the reference:
+- ``cuda``: the kernels built for the GPU in the machine (skipped without CUDA);
+- ``emulated``: the SAME kernel source compiled for the CPU emulator (plugins/emu: a fiber per
+  CUDA thread, strict barriers and warp-synchronous ops, NaN-poisoned shared memory), so the
+  kernels' logic (indexing, tie rule, splits, the FP8 layout) is checked on every CI run. It says
+  nothing about speed, and cannot see races the fiber schedule hides (docs/plugins.md).
 
-    python -m pytest -q plugins/tests/test_kernels_gpu.py     # or: python plugins/tests/test_kernels_gpu.py
+The launchers are built into a torch extension (plugins/tests/kernels_ext.py) and each check draws
+FRESH random inputs (the seed is printed on failure), fills the outputs with NaN (or a byte pattern)
+first, and checks that every element was written and matches the reference:
+
+    python -m pytest -q plugins/tests/test_kernels.py            # both targets, where available
+    python plugins/tests/test_kernels.py [--emulate]             # without pytest
 
 Tolerances follow docs/plugins.md: fp32 paths 1e-5 relative (norm), bf16/fp16 outputs 1e-2,
 quantized outputs (FP8/FP4 fake quant) may differ at a few elements that sit on a rounding
@@ -32,19 +38,55 @@ except ImportError:  # runnable as a plain script where pytest is missing
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-if pytest is not None:
-    pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-DEV = "cuda"
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 QUANT_NAMES = {0: None, 1: "fp8", 2: "fp4"}
 
 
-# ----------------------------------------------------------------------------- helpers
-def _ext():
+# ----------------------------------------------------------------------------- targets
+class Target:
+    """The kernels built for one target: `ext` (the launchers), `dev` (where tensors live)."""
+
+    def __init__(self, name: str):
+        import kernels_ext
+
+        self.name = name
+        self.emulated = name == "emulated"
+        self.dev = "cpu" if self.emulated else "cuda"
+        self.ext = kernels_ext.load(emulate=self.emulated)
+
+    def sync(self):
+        if not self.emulated:
+            kern.sync()
+
+
+def _skip_reason(name: str) -> str | None:
     import kernels_ext
 
-    return kernels_ext.load()
+    if name == "cuda":
+        return None if torch.cuda.is_available() else "needs a CUDA GPU"
+    return kernels_ext.emulator_available()
+
+
+_TARGETS: dict[str, Target] = {}
+
+
+def _target(name: str) -> Target:
+    if name not in _TARGETS:
+        _TARGETS[name] = Target(name)
+    return _TARGETS[name]
+
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module", params=["cuda", "emulated"])
+    def kern(request) -> Target:
+        why = _skip_reason(request.param)
+        if why:
+            pytest.skip(why)
+        return _target(request.param)
+
+
+# ----------------------------------------------------------------------------- helpers
 
 
 def _ref():
@@ -63,9 +105,9 @@ def _ref():
     return sys.modules["exporter.ops"], sys.modules["exporter.quant"]
 
 
-def _gen():
+def _gen(kern):
     seed = int.from_bytes(os.urandom(4), "little")
-    g = torch.Generator(device=DEV)
+    g = torch.Generator(device=kern.dev)
     g.manual_seed(seed)
     return g, seed
 
@@ -76,11 +118,11 @@ def _rel(out, ref) -> float:
 
 
 def _randn(shape, g, dtype=F32):
-    return torch.randn(shape, generator=g, device=DEV).to(dtype)
+    return torch.randn(shape, generator=g, device=g.device).to(dtype)
 
 
 def _randint(lo, hi, shape, g, dtype=torch.int64):
-    return torch.randint(lo, hi, shape, generator=g, device=DEV).to(dtype)
+    return torch.randint(lo, hi, shape, generator=g, device=g.device).to(dtype)
 
 
 def _mismatch_fraction(out, ref, rtol=1e-5, atol=1e-6) -> float:
@@ -89,21 +131,21 @@ def _mismatch_fraction(out, ref, rtol=1e-5, atol=1e-6) -> float:
 
 
 # ----------------------------------------------------------------------------- KV entry (584 B)
-def test_kv_write_read_584():
-    ext, (ops, quant) = _ext(), _ref()
+def test_kv_write_read_584(kern):
+    ext, (ops, quant) = kern.ext, _ref()
     for dtype in (F32, BF16, F16):
-        g, seed = _gen()
+        g, seed = _gen(kern)
         n, rows = 67, 96
         # magnitudes spread over many binades, block by block, so the scales vary
         mag = torch.exp2(_randint(-12, 12, (n, 8, 1), g).float()).expand(n, 8, 64).reshape(n, 512)
         src = (_randn((n, 512), g) * mag).to(dtype)
-        slot = torch.randperm(rows, generator=g, device=DEV)[:n]
+        slot = torch.randperm(rows, generator=g, device=kern.dev)[:n]
         slot[5] = -1  # skipped
-        cache = torch.full((rows, 584), 0xAB, dtype=torch.uint8, device=DEV)
+        cache = torch.full((rows, 584), 0xAB, dtype=torch.uint8, device=kern.dev)
         ext.kv_write_584(cache, src, slot)
-        out = torch.full((n, 512), float("nan"), device=DEV)
+        out = torch.full((n, 512), float("nan"), device=kern.dev)
         ext.kv_read_584(out, cache, slot)
-        torch.cuda.synchronize()
+        kern.sync()
         ref = torch.cat([quant.fake_quant_fp8(src.float()[:, :448]), src.float()[:, 448:].to(BF16).float()], -1)
         ref[5] = 0.0  # kv_read of a negative slot gives zeros
         msg = f"dtype={dtype} seed={seed}"
@@ -112,7 +154,7 @@ def test_kv_write_read_584():
         assert _rel(out, ref) < 1e-2, msg
         written = slot[slot >= 0]
         assert (cache[written, 583] == 0).all(), msg
-        untouched = torch.ones(rows, dtype=torch.bool, device=DEV)
+        untouched = torch.ones(rows, dtype=torch.bool, device=kern.dev)
         untouched[written] = False
         assert (cache[untouched] == 0xAB).all(), msg
 
@@ -141,18 +183,18 @@ def _compress_inputs(overlap, B, N, m, D, r, dtype, g):
         prev_kv[0] = 0  # batch 0: no previous block
         prev_score[0] = float("-inf")
     nw = (1 + 0.1 * _randn((D,), g)).to(dtype)
-    ang = torch.rand((B, N, r // 2), generator=g, device=DEV) * 20
+    ang = torch.rand((B, N, r // 2), generator=g, device=g.device) * 20
     return kv, score, prev_kv, prev_score, nw, ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def test_compress():
-    ext, (ops, quant) = _ext(), _ref()
+def test_compress(kern):
+    ext, (ops, quant) = kern.ext, _ref()
     for overlap, B, N, m, D, r, qt, dtype in COMPRESS_CASES:
-        g, seed = _gen()
+        g, seed = _gen(kern)
         kv, score, pk, ps, nw, cos, sin = _compress_inputs(overlap, B, N, m, D, r, dtype, g)
-        out = torch.full((B, N, D), float("nan"), device=DEV)
+        out = torch.full((B, N, D), float("nan"), device=kern.dev)
         ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, qt)
-        torch.cuda.synchronize()
+        kern.sync()
         ref = ops.compress_blocks(kv, score, pk, ps, nw, cos, sin, eps=1e-6, quant=QUANT_NAMES[qt]).float()
         msg = f"overlap={overlap} m={m} D={D} quant={qt} dtype={dtype} seed={seed}"
         assert torch.isfinite(out).all(), msg
@@ -163,19 +205,19 @@ def test_compress():
             assert _rel(out, ref) < 5e-2, msg
 
 
-def test_compress_fused_cache_write():
-    ext, _ = _ext(), _ref()
-    g, seed = _gen()
+def test_compress_fused_cache_write(kern):
+    ext = kern.ext
+    g, seed = _gen(kern)
     B, N, m, D, r = 3, 4, 4, 512, 64
     kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, BF16, g)
     rows = B * N + 7
-    cache = torch.full((rows, 584), 0xCD, dtype=torch.uint8, device=DEV)
-    slot = torch.randperm(rows, generator=g, device=DEV)[: B * N].view(B, N)
-    out = torch.full((B, N, D), float("nan"), device=DEV)
+    cache = torch.full((rows, 584), 0xCD, dtype=torch.uint8, device=kern.dev)
+    slot = torch.randperm(rows, generator=g, device=kern.dev)[: B * N].view(B, N)
+    out = torch.full((B, N, D), float("nan"), device=kern.dev)
     ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 1, cache, slot)
-    back = torch.full((B * N, D), float("nan"), device=DEV)
+    back = torch.full((B * N, D), float("nan"), device=kern.dev)
     ext.kv_read_584(back, cache, slot.reshape(-1))
-    torch.cuda.synchronize()
+    kern.sync()
     flat = out.reshape(B * N, D)
     msg = f"seed={seed}"
     assert torch.isfinite(back).all(), msg
@@ -200,38 +242,38 @@ def _visible(q_pos, ratio, N):
     return torch.div(q_pos + 1, ratio, rounding_mode="floor").clamp(min=0, max=N)
 
 
-def test_indexer_topk_exact_ties():
+def test_indexer_topk_exact_ties(kern):
     """Integer-valued inputs: every score is exact in fp32, so the kernel must equal the reference
     bit for bit, including the order among the many equal scores (lower index first)."""
-    ext, (ops, _) = _ext(), _ref()
+    ext, (ops, _) = kern.ext, _ref()
     for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
-        g, seed = _gen()
+        g, seed = _gen(kern)
         q = _randint(-2, 3, (B, S, Hi, Di), g).to(dt)
         w = _randint(-1, 3, (B, S, Hi), g).to(dt)
         keys = _randint(-2, 3, (B, N, Di), g).to(dt)
         q_pos = _randint(-1, ratio * N + 8, (B, S), g)
-        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=DEV)
+        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=kern.dev)
         ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
-        torch.cuda.synchronize()
+        kern.sync()
         ref = ops.indexer_topk(q.float(), w.float(), keys.float(), q_pos, ratio=ratio, topk=topk, bf16_scores=bf16)
         msg = f"case={(B, S, Hi, Di, N, topk, bf16, sms, ws)} seed={seed}"
         assert not (out == -7).any(), msg
         assert torch.equal(out, ref), msg
 
 
-def test_indexer_topk_random():
+def test_indexer_topk_random(kern):
     """Random inputs: same selection as the reference up to fp32 reordering (as sets, within a
     score tolerance), rank order, -1 padding exactly where fewer than topk entries are visible."""
-    ext, _ = _ext(), _ref()
+    ext = kern.ext
     for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
         if bf16:
             continue
-        g, seed = _gen()
+        g, seed = _gen(kern)
         q, w, keys = _randn((B, S, Hi, Di), g, dt), _randn((B, S, Hi), g, dt), _randn((B, N, Di), g, dt)
         q_pos = _randint(-1, ratio * N + 8, (B, S), g)
-        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=DEV)
+        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=kern.dev)
         ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
-        torch.cuda.synchronize()
+        kern.sync()
         scores = torch.einsum("bshd,bnd->bshn", q.double(), keys.double()).relu()
         scores = (scores * w.double().unsqueeze(-1)).sum(2)  # [B, S, N]
         vis = _visible(q_pos, ratio, N)
@@ -251,7 +293,7 @@ def test_indexer_topk_random():
                 picked = sc[sel]
                 assert (picked[1:] <= picked[:-1] + tol).all(), msg  # rank order
                 if k < n:
-                    rest = torch.ones(n, dtype=torch.bool, device=DEV)
+                    rest = torch.ones(n, dtype=torch.bool, device=kern.dev)
                     rest[sel] = False
                     assert picked.min() >= sc[rest].max() - tol, msg
 
@@ -274,16 +316,16 @@ KV_DTYPES = {"f32": F32, "bf16": BF16, "f16": F16, "fp8": F32}
 def _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g):
     q = _randn((B, S, H, D), g, qdt)
     t0 = _randint(0, 400, (B, 1), g)
-    q_pos = t0 + torch.arange(S, device=DEV)
+    q_pos = t0 + torch.arange(S, device=g.device)
     last = q_pos[:, -1:]
-    window_pos = (last - L + 1 + torch.arange(L, device=DEV)).expand(B, L).clone()
-    window_pos = torch.where(torch.rand((B, L), generator=g, device=DEV) < 0.1, -1, window_pos)
-    perm = torch.argsort(torch.rand((B, L), generator=g, device=DEV), dim=1)
+    window_pos = (last - L + 1 + torch.arange(L, device=g.device)).expand(B, L).clone()
+    window_pos = torch.where(torch.rand((B, L), generator=g, device=g.device) < 0.1, -1, window_pos)
+    perm = torch.argsort(torch.rand((B, L), generator=g, device=g.device), dim=1)
     window_pos = torch.gather(window_pos, 1, perm)
     kvdt = KV_DTYPES[kv]
     window_kv = _randn((B, L, D), g, kvdt)
     entries = _randn((B, N, D), g, kvdt)
-    entry_idx = _randint(-1, max(N, 1), (B, S, K), g) if N > 0 else torch.full((B, S, K), -1, device=DEV)
+    entry_idx = _randint(-1, max(N, 1), (B, S, K), g) if N > 0 else torch.full((B, S, K), -1, device=g.device)
     sink = _randn((H,), g)
     return q, q_pos, window_kv, window_pos, entries, entry_idx, sink
 
@@ -291,17 +333,17 @@ def _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g):
 def _pack_fp8(ext, x):
     """float [B, R, 512] -> (uint8 [B, R, 584], the dequantized float the kernel sees)."""
     B, R, D = x.shape
-    cache = torch.full((B * R, 584), 0xEE, dtype=torch.uint8, device=DEV)
+    cache = torch.full((B * R, 584), 0xEE, dtype=torch.uint8, device=x.device)
     ext.kv_write_584(cache, x.reshape(B * R, D).contiguous())
-    deq = torch.empty((B * R, D), device=DEV)
+    deq = torch.empty((B * R, D), device=x.device)
     ext.kv_read_584(deq, cache)
     return cache.view(B, R, 584), deq.view(B, R, D)
 
 
-def test_sparse_attention():
-    ext, (ops, _) = _ext(), _ref()
+def test_sparse_attention(kern):
+    ext, (ops, _) = kern.ext, _ref()
     for B, S, H, D, L, N, K, window, qdt, kv, idt, sms, use_ws in ATTN_CASES:
-        g, seed = _gen()
+        g, seed = _gen(kern)
         q, q_pos, wkv, wpos, ent, idx, sink = _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g)
         scale = 1.0 / math.sqrt(D)
         if kv == "fp8":
@@ -312,7 +354,7 @@ def test_sparse_attention():
         out = torch.full_like(q, float("nan"))
         ext.sparse_attention(out, q, q_pos.to(idt), wkv_in, wpos.to(idt), ent_in, idx.to(idt), sink, window, scale,
                              sms, use_ws)
-        torch.cuda.synchronize()
+        kern.sync()
         ref = ops.sparse_attention(q.float(), q_pos, wkv.float(), wpos, ent.float(), idx, sink, window=window,
                                    scale=scale)
         msg = f"case={(B, S, H, D, L, N, K, qdt, kv, sms, use_ws)} seed={seed}"
@@ -325,16 +367,18 @@ def test_sparse_attention():
 
 
 if __name__ == "__main__":
-    if not torch.cuda.is_available():
-        print("no CUDA device: skipped")
+    name = "emulated" if "--emulate" in sys.argv else "cuda"
+    if _skip_reason(name):
+        print(f"{name}: skipped ({_skip_reason(name)})")
         sys.exit(0)
+    target = _target(name)
     failed = 0
-    for name, fn in list(globals().items()):
-        if name.startswith("test_") and callable(fn):
+    for test_name, fn in list(globals().items()):
+        if test_name.startswith("test_") and callable(fn):
             try:
-                fn()
-                print(f"PASS {name}")
+                fn(target)
+                print(f"PASS {test_name} [{name}]")
             except Exception as e:  # noqa: BLE001 - report every failure
                 failed += 1
-                print(f"FAIL {name}: {type(e).__name__}: {e}")
+                print(f"FAIL {test_name} [{name}]: {type(e).__name__}: {e}")
     sys.exit(1 if failed else 0)

@@ -1,0 +1,503 @@
+// The CPU side of plugins/emu/cuda_emu.h: the block scheduler (one fiber per CUDA thread, switched
+// only at barriers) and the few CUDA runtime calls the launchers, plugins and harness make.
+// Single-threaded by design: one block runs at a time, so __shared__ statics and atomics need no
+// locking. Errors are sticky until cudaGetLastError() reads them, as on a device.
+#include "cuda_emu.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace hatrt
+{
+namespace emu
+{
+
+uint3 g_threadIdx{};
+uint3 g_blockIdx{};
+dim3 g_blockDim{};
+dim3 g_gridDim{};
+
+namespace
+{
+
+// An H100/H200 (the limits a launch is checked against).
+constexpr int kNumSms = 132;
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr int kDefaultSmem = 48 * 1024;
+constexpr int kSmemOptin = 227 * 1024;
+constexpr size_t kStackBytes = size_t(256) << 10;
+
+enum class State
+{
+    kRunnable,
+    kBlockBarrier,
+    kWarpBarrier,
+    kDone,
+};
+
+struct Fiber
+{
+    ucontext_t ctx{};
+    void* stack = nullptr;
+    State state = State::kRunnable;
+    uint3 tid{};
+    int pred = 0;             // block barrier contribution
+    unsigned mask = 0;        // warp barrier mask
+    unsigned generation = 0;  // warp barrier generation the lane waits on
+};
+
+struct Warp
+{
+    uint64_t values[2][32] = {};
+    unsigned generation = 0;
+};
+
+struct Block
+{
+    std::vector<Fiber> fibers;
+    std::vector<Warp> warps;
+    std::vector<unsigned char> smem;
+    int barrier_result = 0;
+    int reduce = 0;
+    Fiber* current = nullptr;
+    ucontext_t scheduler{};
+    std::function<void()> const* body = nullptr;
+    std::string error;
+};
+
+Block* g_block = nullptr;
+cudaError_t g_sticky = cudaSuccess;
+std::string g_message;
+std::map<void const*, int> g_smem_attr;
+unsigned g_launches = 0;
+
+void fail(cudaError_t err, std::string msg)
+{
+    if (g_sticky == cudaSuccess)
+    {
+        g_sticky = err;
+        g_message = std::move(msg);
+    }
+}
+
+std::string where(Fiber const& f)
+{
+    char buf[96];
+    std::snprintf(buf, sizeof(buf), "block (%u,%u,%u) thread (%u,%u,%u)", g_blockIdx.x, g_blockIdx.y, g_blockIdx.z,
+        f.tid.x, f.tid.y, f.tid.z);
+    return buf;
+}
+
+void fiber_main()
+{
+    Block& b = *g_block;
+    (*b.body)();
+    b.current->state = State::kDone;
+    // uc_link returns to the scheduler
+}
+
+void yield()
+{
+    Block& b = *g_block;
+    swapcontext(&b.current->ctx, &b.scheduler);
+}
+
+unsigned linear(uint3 t)
+{
+    return t.x + g_blockDim.x * (t.y + g_blockDim.y * t.z);
+}
+
+//! Resolve every barrier that is complete; false when none is (and nothing is runnable).
+bool release(Block& b)
+{
+    bool any = false;
+    size_t const n = b.fibers.size();
+    // warps: all live lanes of the mask parked at the same warp barrier
+    for (size_t w = 0; w * 32 < n; ++w)
+    {
+        size_t const lo = w * 32, hi = std::min(n, lo + 32);
+        bool waiting = false, complete = true;
+        unsigned mask = 0;
+        for (size_t i = lo; i < hi; ++i)
+            if (b.fibers[i].state == State::kWarpBarrier)
+            {
+                waiting = true;
+                mask = b.fibers[i].mask;
+            }
+        if (!waiting)
+            continue;
+        for (size_t i = lo; i < hi; ++i)
+        {
+            Fiber const& f = b.fibers[i];
+            bool const in_mask = (mask >> (i - lo)) & 1U;
+            if (in_mask && f.state != State::kWarpBarrier)
+                complete = false;
+        }
+        if (!complete)
+            continue;
+        for (size_t i = lo; i < hi; ++i)
+            if (b.fibers[i].state == State::kWarpBarrier)
+                b.fibers[i].state = State::kRunnable;
+        ++b.warps[w].generation;
+        any = true;
+    }
+    if (any)
+        return true;
+    // block: every live thread parked at the block barrier
+    int count = 0, live = 0;
+    for (Fiber const& f : b.fibers)
+    {
+        if (f.state == State::kDone)
+            continue;
+        ++live;
+        if (f.state != State::kBlockBarrier)
+            return false;
+        count += f.pred != 0;
+    }
+    if (live == 0)
+        return false;
+    b.barrier_result = b.reduce == 0 ? count : (b.reduce == 1 ? int(count == live) : int(count > 0));
+    for (Fiber& f : b.fibers)
+        if (f.state == State::kBlockBarrier)
+            f.state = State::kRunnable;
+    return true;
+}
+
+std::string deadlock_report(Block const& b)
+{
+    std::string s = "deadlock: threads wait at barriers that can never complete (";
+    int shown = 0;
+    for (size_t i = 0; i < b.fibers.size() && shown < 4; ++i)
+    {
+        Fiber const& f = b.fibers[i];
+        if (f.state == State::kDone)
+            continue;
+        s += shown ? "; " : "";
+        s += where(f);
+        s += f.state == State::kBlockBarrier ? " at __syncthreads" : " at a warp-synchronous op";
+        ++shown;
+    }
+    return s + "). A lane that exited or sits at another barrier is missing from a *_sync mask or a __syncthreads.";
+}
+
+bool run_block(Block& b, bool reverse)
+{
+    size_t const n = b.fibers.size();
+    for (size_t i = 0; i < n; ++i)
+    {
+        Fiber& f = b.fibers[i];
+        f.state = State::kRunnable;
+        f.pred = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = &b.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (;;)
+    {
+        bool ran = false;
+        for (size_t k = 0; k < n; ++k)
+        {
+            Fiber& f = b.fibers[reverse ? n - 1 - k : k];
+            if (f.state != State::kRunnable)
+                continue;
+            b.current = &f;
+            g_threadIdx = f.tid;
+            swapcontext(&b.scheduler, &f.ctx);
+            ran = true;
+            if (!b.error.empty())
+                return false;
+        }
+        bool done = true;
+        for (Fiber const& f : b.fibers)
+            done = done && f.state == State::kDone;
+        if (done)
+            return true;
+        if (!release(b) && !ran)
+        {
+            b.error = deadlock_report(b);
+            return false;
+        }
+    }
+}
+
+struct Stacks
+{
+    std::vector<void*> stacks;
+    ~Stacks()
+    {
+        for (void* s : stacks)
+            munmap(s, kStackBytes);
+    }
+    bool reserve(size_t n)
+    {
+        while (stacks.size() < n)
+        {
+            void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (s == MAP_FAILED)
+                return false;
+            stacks.push_back(s);
+        }
+        return true;
+    }
+};
+
+Stacks g_stacks;
+
+} // namespace
+
+int block_barrier(int pred, int reduce)
+{
+    Block& b = *g_block;
+    Fiber& f = *b.current;
+    f.pred = pred;
+    b.reduce = reduce;
+    f.state = State::kBlockBarrier;
+    yield();
+    return b.barrier_result;
+}
+
+uint64_t const* warp_exchange(unsigned mask, uint64_t value)
+{
+    Block& b = *g_block;
+    Fiber& f = *b.current;
+    unsigned const t = linear(f.tid);
+    Warp& w = b.warps[t / 32];
+    unsigned const lane = t % 32;
+    if (((mask >> lane) & 1U) == 0)
+    {
+        b.error = where(f) + ": warp-synchronous op with a mask that excludes the calling lane";
+        yield(); // never resumed: the launch is abandoned
+    }
+    unsigned const gen = w.generation;
+    w.values[gen & 1U][lane] = value;
+    f.mask = mask;
+    f.generation = gen;
+    f.state = State::kWarpBarrier;
+    yield();
+    return w.values[gen & 1U];
+}
+
+void* dynamic_smem()
+{
+    return g_block->smem.data();
+}
+
+char const* last_error_message()
+{
+    return g_message.c_str();
+}
+
+cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_smem_bytes, std::function<void()> const& body)
+{
+    size_t const threads = size_t(block.x) * block.y * block.z;
+    auto const attr = g_smem_attr.find(func);
+    size_t const smem_limit = attr == g_smem_attr.end() ? kDefaultSmem : size_t(attr->second);
+    if (threads == 0 || threads > size_t(kMaxThreadsPerBlock) || grid.x == 0 || grid.y == 0 || grid.z == 0
+        || grid.y > 65535 || grid.z > 65535)
+    {
+        fail(cudaErrorInvalidConfiguration, "invalid launch configuration (grid or block size)");
+        return cudaErrorInvalidConfiguration;
+    }
+    if (dynamic_smem_bytes > smem_limit)
+    {
+        fail(cudaErrorInvalidValue,
+            "launch asks for " + std::to_string(dynamic_smem_bytes) + " bytes of dynamic shared memory; the function "
+                + "allows " + std::to_string(smem_limit) + " (cudaFuncAttributeMaxDynamicSharedMemorySize)");
+        return cudaErrorInvalidValue;
+    }
+    if (g_block != nullptr)
+    {
+        fail(cudaErrorLaunchFailure, "kernel launched from inside a kernel");
+        return cudaErrorLaunchFailure;
+    }
+    if (!g_stacks.reserve(threads))
+    {
+        fail(cudaErrorMemoryAllocation, "no memory for the fiber stacks");
+        return cudaErrorMemoryAllocation;
+    }
+    Block b;
+    b.fibers.resize(threads);
+    b.warps.resize((threads + 31) / 32);
+    b.body = &body;
+    for (size_t i = 0; i < threads; ++i)
+    {
+        b.fibers[i].stack = g_stacks.stacks[i];
+        b.fibers[i].tid = uint3{unsigned(i % block.x), unsigned(i / block.x % block.y), unsigned(i / block.x / block.y)};
+    }
+    bool const reverse = (g_launches++ & 1U) != 0;
+    g_gridDim = grid;
+    g_blockDim = block;
+    g_block = &b;
+    bool ok = true;
+    for (unsigned z = 0; z < grid.z && ok; ++z)
+        for (unsigned y = 0; y < grid.y && ok; ++y)
+            for (unsigned x = 0; x < grid.x && ok; ++x)
+            {
+                g_blockIdx = uint3{x, y, z};
+                b.smem.assign(dynamic_smem_bytes + 16, 0xFF); // NaN-poisoned, like uninitialized memory
+                ok = run_block(b, reverse);
+            }
+    g_block = nullptr;
+    if (!ok)
+    {
+        fail(cudaErrorLaunchFailure, b.error);
+        return cudaErrorLaunchFailure;
+    }
+    return cudaSuccess;
+}
+
+} // namespace emu
+} // namespace hatrt
+
+// ----------------------------------------------------------------------------- CUDA runtime subset
+using hatrt::emu::g_message;
+using hatrt::emu::g_sticky;
+
+extern "C"
+{
+
+cudaError_t CUDARTAPI cudaGetLastError(void)
+{
+    cudaError_t const e = g_sticky;
+    g_sticky = cudaSuccess;
+    return e;
+}
+
+cudaError_t CUDARTAPI cudaPeekAtLastError(void)
+{
+    return g_sticky;
+}
+
+char const* CUDARTAPI cudaGetErrorName(cudaError_t error)
+{
+    switch (error)
+    {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    default: return "cudaError (emulated)";
+    }
+}
+
+char const* CUDARTAPI cudaGetErrorString(cudaError_t error)
+{
+    // The emulator's own text (which barrier deadlocked, which limit a launch broke) says more
+    // than the generic one; it stays readable after cudaGetLastError cleared the sticky error.
+    static thread_local std::string text;
+    text = std::string(cudaGetErrorName(error)) + " [CUDA emulator]";
+    if (error != cudaSuccess && !g_message.empty())
+        text += ": " + g_message;
+    return text.c_str();
+}
+
+cudaError_t CUDARTAPI cudaFuncSetAttribute(void const* func, enum cudaFuncAttribute attr, int value)
+{
+    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    {
+        if (value < 0 || value > hatrt::emu::kSmemOptin)
+            return cudaErrorInvalidValue;
+        hatrt::emu::g_smem_attr[func] = value;
+    }
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaGetDeviceCount(int* count)
+{
+    *count = 1;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaGetDevice(int* device)
+{
+    *device = 0;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaSetDevice(int device)
+{
+    return device == 0 ? cudaSuccess : cudaErrorInvalidDevice;
+}
+
+cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device)
+{
+    if (device != 0)
+        return cudaErrorInvalidDevice;
+    switch (attr)
+    {
+    case cudaDevAttrMultiProcessorCount: *value = hatrt::emu::kNumSms; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = hatrt::emu::kSmemOptin; return cudaSuccess;
+    case cudaDevAttrMaxThreadsPerBlock: *value = hatrt::emu::kMaxThreadsPerBlock; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+cudaError_t CUDARTAPI cudaMalloc(void** ptr, size_t size)
+{
+    *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256);
+    return *ptr ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+
+cudaError_t CUDARTAPI cudaFree(void* ptr)
+{
+    std::free(ptr);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemcpy(void* dst, void const* src, size_t count, enum cudaMemcpyKind)
+{
+    std::memcpy(dst, src, count);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemcpyAsync(void* dst, void const* src, size_t count, enum cudaMemcpyKind, cudaStream_t)
+{
+    std::memcpy(dst, src, count);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemset(void* ptr, int value, size_t count)
+{
+    std::memset(ptr, value, count);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaMemsetAsync(void* ptr, int value, size_t count, cudaStream_t)
+{
+    std::memset(ptr, value, count);
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaDeviceSynchronize(void)
+{
+    return g_sticky;
+}
+
+cudaError_t CUDARTAPI cudaStreamSynchronize(cudaStream_t)
+{
+    return g_sticky;
+}
+
+cudaError_t CUDARTAPI cudaStreamCreate(cudaStream_t* stream)
+{
+    *stream = nullptr;
+    return cudaSuccess;
+}
+
+cudaError_t CUDARTAPI cudaStreamDestroy(cudaStream_t)
+{
+    return cudaSuccess;
+}
+
+} // extern "C"

@@ -1,0 +1,315 @@
+// Run the hatrt CUDA kernels on the CPU, unchanged, so their logic is tested where no GPU is
+// (CI, laptops). Not a simulator of the GPU's timing or memory model: a functional model of the
+// CUDA execution rules our kernels rely on, strict enough to catch what breaks them on hardware.
+//
+// How: a kernel source is compiled by the host compiler with this header force-included
+// (g++ -x c++ -include plugins/emu/cuda_emu.h). Every CUDA thread of a block is a fiber (its own
+// stack); fibers run one at a time and switch only at synchronization points, so
+//   __syncthreads[_or|_and|_count]  waits until every live thread of the block arrived;
+//   __shfl_*_sync / __ballot_sync / __any_sync / __all_sync / __syncwarp wait for every lane of
+//                                   the warp (a lane that exited, or is parked at another barrier,
+//                                   is a deadlock: reported, not papered over);
+//   __shared__                      is one copy per block (blocks run one after another);
+//   dynamic shared memory           is fresh per block and filled with 0xFF (NaN as float) so a
+//                                   read of something never written shows up;
+//   launches                        check the block size and the dynamic shared memory against
+//                                   the limits of an H100/H200 and the function's opt-in attribute.
+// Threads run in forward or reverse order inside a block (alternating per launch), so a missing
+// __syncthreads between a write by one thread and a read by another shows up in one of the two.
+// The CUDA runtime calls the launchers make (cudaGetLastError, cudaFuncSetAttribute,
+// cudaDeviceGetAttribute, ...) and the memory calls of the plugin harness come from
+// plugins/emu/cuda_emu.cpp: "device" memory is host memory.
+//
+// Kernels spell the two CUDA-only syntaxes through macros of plugins/csrc/common.cuh:
+// HATRT_DYNAMIC_SMEM(T, name) and HATRT_LAUNCH(kernel, grid, block, smem, stream)(args...).
+#pragma once
+
+#ifndef HATRT_CUDA_EMU
+#define HATRT_CUDA_EMU 1
+#endif
+
+// Before the CUDA headers, which define these only when they are not defined yet.
+#define __shared__ static
+#define __launch_bounds__(...)
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+
+namespace hatrt
+{
+namespace emu
+{
+
+//! Indices of the thread that runs now (the scheduler sets them before it resumes a fiber).
+extern uint3 g_threadIdx;
+extern uint3 g_blockIdx;
+extern dim3 g_blockDim;
+extern dim3 g_gridDim;
+
+//! Run `body` for every thread of every block of the grid. Returns cudaSuccess, or an error whose
+//! text last_error_message() keeps (bad launch configuration, deadlock at a barrier).
+cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_smem, std::function<void()> const& body);
+char const* last_error_message();
+void* dynamic_smem();
+
+//! Block-wide barrier; returns the reduction of `pred` over the block: 0 count, 1 and, 2 or.
+int block_barrier(int pred, int reduce);
+//! Warp exchange: every lane in `mask` deposits `value` and gets back all 32 deposits.
+uint64_t const* warp_exchange(unsigned mask, uint64_t value);
+
+template <class T>
+uint64_t to_bits(T v)
+{
+    static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "shuffle of a type wider than 8 bytes");
+    uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    return b;
+}
+
+template <class T>
+T from_bits(uint64_t b)
+{
+    T v;
+    std::memcpy(&v, &b, sizeof(T));
+    return v;
+}
+
+inline unsigned lane_id()
+{
+    unsigned const t = g_threadIdx.x + g_blockDim.x * (g_threadIdx.y + g_blockDim.y * g_threadIdx.z);
+    return t % 32U;
+}
+
+//! The kernel launch syntax: HATRT_LAUNCH(k, grid, block, smem, stream)(args...).
+template <class... P>
+struct Launch
+{
+    void (*kernel)(P...);
+    dim3 grid, block;
+    size_t smem;
+
+    template <class... A>
+    void operator()(A&&... args) const
+    {
+        auto k = kernel;
+        run_grid(reinterpret_cast<void const*>(k), grid, block, smem, [&] { k(args...); });
+    }
+};
+
+template <class... P>
+Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t)
+{
+    return Launch<P...>{kernel, grid, block, smem};
+}
+
+} // namespace emu
+} // namespace hatrt
+
+// ----------------------------------------------------------------------------- built-in variables
+#define threadIdx (::hatrt::emu::g_threadIdx)
+#define blockIdx (::hatrt::emu::g_blockIdx)
+#define blockDim (::hatrt::emu::g_blockDim)
+#define gridDim (::hatrt::emu::g_gridDim)
+constexpr int warpSize = 32;
+
+// ----------------------------------------------------------------------------- synchronization
+inline void __syncthreads()
+{
+    ::hatrt::emu::block_barrier(0, 0);
+}
+inline int __syncthreads_count(int p)
+{
+    return ::hatrt::emu::block_barrier(p, 0);
+}
+inline int __syncthreads_and(int p)
+{
+    return ::hatrt::emu::block_barrier(p, 1);
+}
+inline int __syncthreads_or(int p)
+{
+    return ::hatrt::emu::block_barrier(p, 2);
+}
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFU)
+{
+    ::hatrt::emu::warp_exchange(mask, 0);
+}
+inline void __threadfence() {}
+inline void __threadfence_block() {}
+
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32)
+{
+    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    unsigned const lane = ::hatrt::emu::lane_id();
+    unsigned const base = lane - lane % unsigned(width);
+    return ::hatrt::emu::from_bits<T>(all[base + unsigned(src) % unsigned(width)]);
+}
+
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32)
+{
+    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    unsigned const lane = ::hatrt::emu::lane_id();
+    unsigned const src = lane ^ unsigned(lane_mask);
+    // a source outside the lane's width segment returns the lane's own value
+    return ::hatrt::emu::from_bits<T>(all[src / unsigned(width) == lane / unsigned(width) ? src : lane]);
+}
+
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32)
+{
+    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    unsigned const lane = ::hatrt::emu::lane_id();
+    unsigned const in_seg = lane % unsigned(width);
+    return ::hatrt::emu::from_bits<T>(all[in_seg >= delta ? lane - delta : lane]);
+}
+
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
+{
+    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    unsigned const lane = ::hatrt::emu::lane_id();
+    unsigned const in_seg = lane % unsigned(width);
+    return ::hatrt::emu::from_bits<T>(all[in_seg + delta < unsigned(width) ? lane + delta : lane]);
+}
+
+inline unsigned __ballot_sync(unsigned mask, int pred)
+{
+    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, pred != 0);
+    unsigned r = 0;
+    for (unsigned l = 0; l < 32; ++l)
+        r |= ((mask >> l) & 1U) && all[l] ? (1U << l) : 0U;
+    return r;
+}
+inline int __any_sync(unsigned mask, int pred)
+{
+    return __ballot_sync(mask, pred) != 0;
+}
+inline int __all_sync(unsigned mask, int pred)
+{
+    return __ballot_sync(mask, pred) == mask;
+}
+
+// ----------------------------------------------------------------------------- intrinsics
+inline int __popc(unsigned x)
+{
+    return __builtin_popcount(x);
+}
+inline int __popcll(unsigned long long x)
+{
+    return __builtin_popcountll(x);
+}
+inline int __clz(int x)
+{
+    return x == 0 ? 32 : __builtin_clz(unsigned(x));
+}
+inline int __ffs(int x)
+{
+    return __builtin_ffs(x);
+}
+inline unsigned __float_as_uint(float f)
+{
+    return ::hatrt::emu::from_bits<unsigned>(::hatrt::emu::to_bits(f));
+}
+inline float __uint_as_float(unsigned u)
+{
+    return ::hatrt::emu::from_bits<float>(::hatrt::emu::to_bits(u));
+}
+inline int __float_as_int(float f)
+{
+    return ::hatrt::emu::from_bits<int>(::hatrt::emu::to_bits(f));
+}
+inline float __int_as_float(int i)
+{
+    return ::hatrt::emu::from_bits<float>(::hatrt::emu::to_bits(i));
+}
+inline float rsqrtf(float x)
+{
+    return 1.F / std::sqrt(x);
+}
+inline float __fdividef(float a, float b)
+{
+    return a / b;
+}
+inline float __expf(float x)
+{
+    return std::exp(x);
+}
+inline float __saturatef(float x)
+{
+    return x < 0.F ? 0.F : (x > 1.F ? 1.F : x);
+}
+
+template <class T>
+T __ldg(T const* p)
+{
+    return *p;
+}
+
+// Fibers never run at the same time: a read-modify-write is atomic by construction.
+template <class T>
+T atomicAdd(T* p, T v)
+{
+    T const old = *p;
+    *p = old + v;
+    return old;
+}
+template <class T>
+T atomicMax(T* p, T v)
+{
+    T const old = *p;
+    *p = old < v ? v : old;
+    return old;
+}
+template <class T>
+T atomicMin(T* p, T v)
+{
+    T const old = *p;
+    *p = v < old ? v : old;
+    return old;
+}
+template <class T>
+T atomicCAS(T* p, T cmp, T v)
+{
+    T const old = *p;
+    if (old == cmp)
+        *p = v;
+    return old;
+}
+template <class T>
+T atomicExch(T* p, T v)
+{
+    T const old = *p;
+    *p = v;
+    return old;
+}
+
+// CUDA's integer/float min and max overloads accept mixed argument types.
+template <class A, class B>
+inline typename std::common_type<A, B>::type min(A a, B b)
+{
+    using C = typename std::common_type<A, B>::type;
+    return C(b) < C(a) ? C(b) : C(a);
+}
+template <class A, class B>
+inline typename std::common_type<A, B>::type max(A a, B b)
+{
+    using C = typename std::common_type<A, B>::type;
+    return C(a) < C(b) ? C(b) : C(a);
+}
+
+// nvcc's cuda_runtime.h adds this template overload; host compilers do not see it.
+template <class... P>
+inline cudaError_t cudaFuncSetAttribute(void (*func)(P...), cudaFuncAttribute attr, int value)
+{
+    return cudaFuncSetAttribute(reinterpret_cast<void const*>(func), attr, value);
+}

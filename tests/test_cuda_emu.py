@@ -1,0 +1,82 @@
+"""The CUDA emulator (plugins/emu) and what runs on it without a GPU.
+
+- The emulator's self-test (plugins/emu/emu_selftest.cu): correct kernels give exact answers in
+  both thread orders; a missing __syncthreads, a shuffle with an exited lane, a barrier half the
+  block cannot reach, and shared memory beyond the opt-in limit are all exposed.
+- The plugin harness with its GPU part on the emulator: every plugin created through its creator,
+  configured, and enqueued on NaN-poisoned outputs; results equal the launchers bit for bit
+  (needs the TensorRT headers, see docs/plugins.md).
+The kernels themselves are compared with the PyTorch reference on the emulator by
+plugins/tests/test_kernels.py (target "emulated").
+Needs g++ and the CUDA headers (not nvcc, not a GPU); skipped cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+EMU = PLUGINS / "emu"
+sys.path.insert(0, str(PLUGINS / "tests"))
+import kernels_ext  # noqa: E402
+
+CXX = shutil.which("g++") or shutil.which("c++")
+WHY = kernels_ext.emulator_available()
+TRT_INCLUDE = Path(os.environ.get("TENSORRT_INCLUDE_DIR", ROOT / "third_party" / "TensorRT" / "include"))
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-DHATRT_CUDA_EMU",
+             f"-I{EMU}", f"-I{PLUGINS / 'csrc' / 'include'}"]
+
+
+def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def emu_objects(tmp_path_factory) -> tuple[Path, list[Path], Path]:
+    """(build dir, the kernels compiled for the emulator, the emulator runtime object)."""
+    out = tmp_path_factory.mktemp("emu")
+    inc = f"-I{kernels_ext.cuda_include()}"
+    runtime = out / "cuda_emu.o"
+    _run([CXX, *EMU_FLAGS, inc, "-c", EMU / "cuda_emu.cpp", "-o", runtime])
+    kernels = []
+    for cu in kernels_ext.KERNELS:
+        obj = out / f"{cu.stem}.emu.o"
+        proc = _run([CXX, *EMU_FLAGS, inc, "-x", "c++", "-include", EMU / "cuda_emu.h", "-c", cu, "-o", obj])
+        assert "warning" not in proc.stderr, proc.stderr
+        kernels.append(obj)
+    return out, kernels, runtime
+
+
+def test_emulator_selftest(emu_objects):
+    out, _, runtime = emu_objects
+    exe = out / "emu_selftest"
+    _run([CXX, *EMU_FLAGS, f"-I{kernels_ext.cuda_include()}", "-x", "c++", "-include", EMU / "cuda_emu.h",
+          EMU / "emu_selftest.cu", "-x", "none", runtime, "-o", exe])
+    proc = _run([exe], timeout=120)
+    assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout
+
+
+@pytest.mark.skipif(not (TRT_INCLUDE / "NvInferRuntime.h").exists(), reason=f"TensorRT headers not found in {TRT_INCLUDE}")
+def test_plugin_harness_enqueue_emulated(emu_objects):
+    """Creators -> plugins -> configurePlugin / getWorkspaceSize / onShapeChange / enqueue, with the
+    kernels on the emulator: each plugin's output equals its launcher's, bad shapes are refused."""
+    out, kernels, runtime = emu_objects
+    sources = [PLUGINS / "common" / "hatrtPluginCommon.cpp", PLUGINS / "common" / "hatrtPlugins.cpp",
+               *sorted(PLUGINS.glob("*/*Plugin.cpp")), PLUGINS / "tests" / "plugin_harness.cpp"]
+    exe = out / "plugin_harness_emu"
+    _run([CXX, *EMU_FLAGS, "-Wno-deprecated-declarations", f"-I{TRT_INCLUDE}", f"-I{kernels_ext.cuda_include()}",
+          *sources, *kernels, runtime, "-o", exe])
+    proc = _run([exe], timeout=300)
+    assert "GPU part: on the CUDA emulator" in proc.stdout, proc.stdout
+    assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout
