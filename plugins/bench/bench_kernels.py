@@ -7,8 +7,9 @@ sets when one set would sit in L2), the bytes the kernel must move (inputs read 
 written once) and the FLOPs, against the card's measured device-to-device copy bandwidth and bf16
 matrix rate. Shapes: V4-Flash (H 64, top-k 512) and V4-Pro (H 128, top-k 1024) decode, contexts 8K /
 128K / 1M (CSA: N = ctx / 4 entries), batch 1 / 16 / 64 where memory and time allow.
-The kernels compute in fp32 on CUDA cores (no tensor-core path yet), so the matrix rate is the
-ceiling a future tensor-core version would target, not this one's.
+Sparse attention runs twice per shape, side by side: the tensor-core kernel (mma.sync, bf16) and
+the fp32 CUDA-core kernel, so the ratio between them comes from one run. The indexer and the
+compressor still compute in fp32 on CUDA cores.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def fp8_entries(ext, n):
     return small.repeat(reps, 1)[:n].contiguous()
 
 
-def bench_attention(ext, rows, name, H, topk, ctx, B):
+def bench_attention(ext, rows, name, H, topk, ctx, B, tensor_cores):
     D, L, window = 512, 128, 128
     N = ctx // 4
     bytes_one = B * (L + topk) * 584 + 2 * B * H * D * 2 + B * topk * 8
@@ -88,12 +89,12 @@ def bench_attention(ext, rows, name, H, topk, ctx, B):
 
     def run(i):
         o, q, qp, w, wp, e, ix, s = sets[i % len(sets)]
-        ext.sparse_attention(o, q, qp, w, wp, e, ix, s, window, 1 / math.sqrt(D))
+        ext.sparse_attention(o, q, qp, w, wp, e, ix, s, window, 1 / math.sqrt(D), tensor_cores=tensor_cores)
 
     t = timed(run)
     flops = 4.0 * B * H * (L + topk) * D
-    rows.append(dict(kernel="sparse_attention", shape=f"{name} ctx={ctx} B={B}", time_us=t * 1e6,
-                     bytes=bytes_one, flops=flops))
+    kernel = "attention_tc" if tensor_cores else "attention_fp32"
+    rows.append(dict(kernel=kernel, shape=f"{name} ctx={ctx} B={B}", time_us=t * 1e6, bytes=bytes_one, flops=flops))
     torch.cuda.empty_cache()
 
 
@@ -157,7 +158,8 @@ def main():
             for B in batches:
                 if ctx == 1 << 20 and B > 16:
                     continue
-                bench_attention(ext, rows, name, H, topk, ctx, B)
+                for tc in (True, False):
+                    bench_attention(ext, rows, name, H, topk, ctx, B, tc)
     for ctx in (8192, 131072, 1 << 20):
         for B in batches:
             if ctx == 1 << 20 and B > 16:
@@ -170,13 +172,14 @@ def main():
         r["GB_s"] = r["bytes"] / (r["time_us"] * 1e-6) / 1e9
         r["TFLOP_s"] = r["flops"] / (r["time_us"] * 1e-6) / 1e12
         r["pct_copy_bw"] = 100 * r["GB_s"] * 1e9 / bw
+        r["pct_matmul"] = 100 * r["TFLOP_s"] * 1e12 / mm
     meta = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                 copy_GB_s=bw / 1e9, bf16_matmul_TFLOP_s=mm / 1e12, command=" ".join(sys.argv))
     print(f"# {props.name}: copy {bw / 1e9:.0f} GB/s (read+write), bf16 matmul {mm / 1e12:.0f} TFLOP/s")
-    print(f"{'kernel':18s} {'shape':40s} {'time_us':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s}")
+    print(f"{'kernel':18s} {'shape':40s} {'time_us':>10s} {'GB/s':>8s} {'%copy':>6s} {'TFLOP/s':>8s} {'%mm':>5s}")
     for r in rows:
         print(f"{r['kernel']:18s} {r['shape']:40s} {r['time_us']:10.1f} {r['GB_s']:8.0f} {r['pct_copy_bw']:6.1f} "
-              f"{r['TFLOP_s']:8.2f}")
+              f"{r['TFLOP_s']:8.2f} {r['pct_matmul']:5.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 

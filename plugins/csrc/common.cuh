@@ -241,6 +241,14 @@ inline int device_num_sms(int32_t given)
     return n;
 }
 
+inline int device_cc_major()
+{
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+        return 0;
+    return major;
+}
+
 inline int device_smem_optin()
 {
     int dev = 0, n = 0;

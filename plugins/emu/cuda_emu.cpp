@@ -54,7 +54,7 @@ struct Fiber
 
 struct Warp
 {
-    uint64_t values[2][32] = {};
+    unsigned char values[2][32 * kExchangeBytes] = {}; // double-buffered by generation parity
     unsigned generation = 0;
 };
 
@@ -264,7 +264,7 @@ int block_barrier(int pred, int reduce)
     return b.barrier_result;
 }
 
-uint64_t const* warp_exchange(unsigned mask, uint64_t value)
+unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes)
 {
     Block& b = *g_block;
     Fiber& f = *b.current;
@@ -276,8 +276,15 @@ uint64_t const* warp_exchange(unsigned mask, uint64_t value)
         b.error = where(f) + ": warp-synchronous op with a mask that excludes the calling lane";
         yield(); // never resumed: the launch is abandoned
     }
+    if (bytes > kExchangeBytes)
+    {
+        b.error = where(f) + ": warp exchange of more than 64 bytes per lane";
+        yield();
+    }
+    // A lane can run at most one exchange ahead of the slowest (the next one waits for every lane),
+    // so two buffers alternate safely.
     unsigned const gen = w.generation;
-    w.values[gen & 1U][lane] = value;
+    std::memcpy(w.values[gen & 1U] + lane * kExchangeBytes, src, bytes);
     f.mask = mask;
     f.generation = gen;
     f.state = State::kWarpBarrier;

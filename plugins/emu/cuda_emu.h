@@ -63,8 +63,10 @@ void* dynamic_smem();
 
 //! Block-wide barrier; returns the reduction of `pred` over the block: 0 count, 1 and, 2 or.
 int block_barrier(int pred, int reduce);
-//! Warp exchange: every lane in `mask` deposits `value` and gets back all 32 deposits.
-uint64_t const* warp_exchange(unsigned mask, uint64_t value);
+//! Warp exchange: every lane in `mask` deposits `bytes` (<= kExchangeBytes) of `src` and gets
+//! back all 32 deposits: lane l's bytes start at result + l * kExchangeBytes.
+constexpr size_t kExchangeBytes = 64;
+unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes);
 
 template <class T>
 uint64_t to_bits(T v)
@@ -81,6 +83,23 @@ T from_bits(uint64_t b)
     T v;
     std::memcpy(&v, &b, sizeof(T));
     return v;
+}
+
+//! The 64-bit deposits of a warp exchange (the shuffles and votes).
+struct Lanes
+{
+    unsigned char const* base;
+    uint64_t operator[](unsigned lane) const
+    {
+        uint64_t v;
+        std::memcpy(&v, base + lane * kExchangeBytes, sizeof(v));
+        return v;
+    }
+};
+
+inline Lanes exchange64(unsigned mask, uint64_t value)
+{
+    return Lanes{warp_exchange(mask, &value, sizeof(value))};
 }
 
 inline unsigned lane_id()
@@ -140,7 +159,7 @@ inline int __syncthreads_or(int p)
 }
 inline void __syncwarp(unsigned mask = 0xFFFFFFFFU)
 {
-    ::hatrt::emu::warp_exchange(mask, 0);
+    ::hatrt::emu::exchange64(mask, 0);
 }
 inline void __threadfence() {}
 inline void __threadfence_block() {}
@@ -148,7 +167,7 @@ inline void __threadfence_block() {}
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32)
 {
-    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    auto const all = ::hatrt::emu::exchange64(mask, ::hatrt::emu::to_bits(v));
     unsigned const lane = ::hatrt::emu::lane_id();
     unsigned const base = lane - lane % unsigned(width);
     return ::hatrt::emu::from_bits<T>(all[base + unsigned(src) % unsigned(width)]);
@@ -157,7 +176,7 @@ T __shfl_sync(unsigned mask, T v, int src, int width = 32)
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32)
 {
-    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    auto const all = ::hatrt::emu::exchange64(mask, ::hatrt::emu::to_bits(v));
     unsigned const lane = ::hatrt::emu::lane_id();
     unsigned const src = lane ^ unsigned(lane_mask);
     // a source outside the lane's width segment returns the lane's own value
@@ -167,7 +186,7 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32)
 template <class T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32)
 {
-    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    auto const all = ::hatrt::emu::exchange64(mask, ::hatrt::emu::to_bits(v));
     unsigned const lane = ::hatrt::emu::lane_id();
     unsigned const in_seg = lane % unsigned(width);
     return ::hatrt::emu::from_bits<T>(all[in_seg >= delta ? lane - delta : lane]);
@@ -176,7 +195,7 @@ T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32)
 template <class T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
 {
-    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, ::hatrt::emu::to_bits(v));
+    auto const all = ::hatrt::emu::exchange64(mask, ::hatrt::emu::to_bits(v));
     unsigned const lane = ::hatrt::emu::lane_id();
     unsigned const in_seg = lane % unsigned(width);
     return ::hatrt::emu::from_bits<T>(all[in_seg + delta < unsigned(width) ? lane + delta : lane]);
@@ -184,7 +203,7 @@ T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32)
 
 inline unsigned __ballot_sync(unsigned mask, int pred)
 {
-    uint64_t const* all = ::hatrt::emu::warp_exchange(mask, pred != 0);
+    auto const all = ::hatrt::emu::exchange64(mask, pred != 0);
     unsigned r = 0;
     for (unsigned l = 0; l < 32; ++l)
         r |= ((mask >> l) & 1U) && all[l] ? (1U << l) : 0U;
@@ -313,3 +332,48 @@ inline cudaError_t cudaFuncSetAttribute(void (*func)(P...), cudaFuncAttribute at
 {
     return cudaFuncSetAttribute(reinterpret_cast<void const*>(func), attr, value);
 }
+
+// ----------------------------------------------------------------------------- tensor cores
+namespace hatrt
+{
+namespace emu
+{
+//! mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32, D += A * B: the warp's
+//! fragments are gathered and each lane computes its own four accumulators (fp32 FMAs over k in
+//! order; the hardware's summation order is unspecified). Fragment layout: plugins/csrc/mma.cuh.
+template <bool kHalf>
+inline void mma_m16n8k16(float (&d)[4], uint32_t const (&a)[4], uint32_t const (&b)[2])
+{
+    uint32_t const mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    unsigned char const* all = warp_exchange(0xFFFFFFFFU, mine, sizeof(mine));
+    auto val = [](uint32_t bits16) {
+        return kHalf ? __half2float(__ushort_as_half(static_cast<unsigned short>(bits16))) : __uint_as_float(bits16 << 16);
+    };
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; ++l)
+    {
+        uint32_t f[6];
+        std::memcpy(f, all + l * kExchangeBytes, sizeof(f));
+        unsigned const g = l / 4, t = l % 4;
+        for (unsigned h = 0; h < 2; ++h) // low half = lower column (A) / row (B) index
+        {
+            A[g][2 * t + h] = val((f[0] >> (16 * h)) & 0xFFFFU);
+            A[g + 8][2 * t + h] = val((f[1] >> (16 * h)) & 0xFFFFU);
+            A[g][2 * t + 8 + h] = val((f[2] >> (16 * h)) & 0xFFFFU);
+            A[g + 8][2 * t + 8 + h] = val((f[3] >> (16 * h)) & 0xFFFFU);
+            B[2 * t + h][g] = val((f[4] >> (16 * h)) & 0xFFFFU);
+            B[2 * t + 8 + h][g] = val((f[5] >> (16 * h)) & 0xFFFFU);
+        }
+    }
+    unsigned const lane = lane_id(), g = lane / 4, t = lane % 4;
+    for (unsigned i = 0; i < 4; ++i)
+    {
+        unsigned const r = g + 8 * (i / 2), c = 2 * t + i % 2;
+        float acc = d[i];
+        for (unsigned k = 0; k < 16; ++k)
+            acc = std::fma(A[r][k], B[k][c], acc);
+        d[i] = acc;
+    }
+}
+} // namespace emu
+} // namespace hatrt

@@ -301,12 +301,16 @@ def test_indexer_topk_random(kern):
 # ----------------------------------------------------------------------------- sparse attention
 ATTN_CASES = [
     # B, S, H, D, L, N, K, window, q dtype, kv ("f32"/"bf16"/"f16"/"fp8"), int dtype, num_sms, workspace
+    # (bf16/fp16 q with D == 512 run on the tensor-core kernel; test_sparse_attention also runs them
+    # on the CUDA-core kernel)
     (3, 1, 64, 512, 128, 300, 64, 128, F32, "f32", torch.int64, 0, True),     # decode, key splits
     (3, 1, 64, 512, 128, 300, 64, 128, F32, "f32", torch.int64, 0, False),    # decode, no workspace
     (2, 6, 20, 80, 150, 40, 16, 128, BF16, "bf16", torch.int32, 0, True),      # prefill, H % 16 != 0
     (2, 4, 16, 512, 140, 100, 32, 128, F16, "f16", torch.int64, 10000, True),  # max splits
     (2, 3, 64, 512, 128, 200, 48, 128, BF16, "fp8", torch.int64, 0, True),     # production FP8 entries
     (1, 1, 128, 512, 128, 1000, 512, 128, BF16, "fp8", torch.int64, 0, True),  # V4-Pro-like decode
+    (2, 5, 20, 512, 150, 90, 24, 128, BF16, "fp8", torch.int32, 0, False),     # prefill, H % 16 != 0, unsplit
+    (2, 2, 16, 512, 40, 0, 8, 16, BF16, "bf16", torch.int64, 0, True),         # window only, all idx -1
     (2, 2, 16, 64, 0, 0, 0, 128, F32, "f32", torch.int64, 0, True),            # nothing to attend: 0
     (2, 2, 16, 64, 32, 0, 8, 16, F32, "f32", torch.int64, 0, True),            # no entries, all idx -1
 ]
@@ -340,9 +344,16 @@ def _pack_fp8(ext, x):
     return cache.view(B, R, 584), deq.view(B, R, D)
 
 
+def _attn_runs():
+    for case in ATTN_CASES:
+        yield case, True
+        if case[8] != F32 and case[3] == 512:
+            yield case, False  # the same case on the CUDA-core kernel
+
+
 def test_sparse_attention(kern):
     ext, (ops, _) = kern.ext, _ref()
-    for B, S, H, D, L, N, K, window, qdt, kv, idt, sms, use_ws in ATTN_CASES:
+    for (B, S, H, D, L, N, K, window, qdt, kv, idt, sms, use_ws), tc in _attn_runs():
         g, seed = _gen(kern)
         q, q_pos, wkv, wpos, ent, idx, sink = _attn_inputs(B, S, H, D, L, N, K, window, qdt, kv, g)
         scale = 1.0 / math.sqrt(D)
@@ -353,11 +364,12 @@ def test_sparse_attention(kern):
             wkv_in, ent_in = wkv, ent
         out = torch.full_like(q, float("nan"))
         ext.sparse_attention(out, q, q_pos.to(idt), wkv_in, wpos.to(idt), ent_in, idx.to(idt), sink, window, scale,
-                             sms, use_ws)
+                             sms, use_ws, tc)
         kern.sync()
         ref = ops.sparse_attention(q.float(), q_pos, wkv.float(), wpos, ent.float(), idx, sink, window=window,
                                    scale=scale)
-        msg = f"case={(B, S, H, D, L, N, K, qdt, kv, sms, use_ws)} seed={seed}"
+        tc = ext.uses_tensor_cores(q, D, tc)
+        msg = f"case={(B, S, H, D, L, N, K, qdt, kv, sms, use_ws)} tensor_cores={tc} seed={seed}"
         assert torch.isfinite(out).all(), msg
         if ref.abs().max() == 0:
             assert (out == 0).all(), msg

@@ -65,7 +65,7 @@ cudaStream_t stream()
 // or uint8 [B, L|N, 584] (the FP8 entry).
 void sparse_attention(at::Tensor out, at::Tensor q, at::Tensor q_pos, at::Tensor window_kv, at::Tensor window_pos,
     at::Tensor entries, at::Tensor entry_idx, at::Tensor sink, int64_t window, double scale, int64_t num_sms,
-    bool use_workspace)
+    bool use_workspace, bool tensor_cores)
 {
     for (auto* t : {&out, &q, &q_pos, &window_kv, &window_pos, &entries, &entry_idx, &sink})
         check_cuda(*t, "sparse_attention input");
@@ -84,6 +84,7 @@ void sparse_attention(at::Tensor out, at::Tensor q, at::Tensor q_pos, at::Tensor
     p.sink = sink.data_ptr(), p.sink_dtype = fdtype(sink);
     p.out = out.data_ptr();
     p.num_sms = int32_t(num_sms);
+    p.tensor_cores = tensor_cores;
     at::Tensor ws;
     if (use_workspace)
     {
@@ -93,6 +94,13 @@ void sparse_attention(at::Tensor out, at::Tensor q, at::Tensor q_pos, at::Tensor
     }
     char const* msg = hatrt::sparse_attention_check(p);
     finish("sparse_attention", msg, msg ? cudaSuccess : hatrt::sparse_attention(p, stream()));
+}
+
+bool uses_tensor_cores(at::Tensor q, int64_t head_dim, bool tensor_cores)
+{
+    hatrt::SparseAttentionParams p;
+    p.D = int32_t(head_dim), p.q_dtype = fdtype(q), p.tensor_cores = tensor_cores;
+    return hatrt::use_tensor_cores(p);
 }
 
 // out[B, S, topk] int64 <- IndexerTopK
@@ -216,7 +224,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 {
     m.def("sparse_attention", &sparse_attention, "HybridSparseAttention into out", py::arg("out"), py::arg("q"),
         py::arg("q_pos"), py::arg("window_kv"), py::arg("window_pos"), py::arg("entries"), py::arg("entry_idx"),
-        py::arg("sink"), py::arg("window"), py::arg("scale"), py::arg("num_sms") = 0, py::arg("use_workspace") = true);
+        py::arg("sink"), py::arg("window"), py::arg("scale"), py::arg("num_sms") = 0, py::arg("use_workspace") = true,
+        py::arg("tensor_cores") = true);
+    m.def("uses_tensor_cores", &uses_tensor_cores, "whether sparse_attention runs on the tensor-core kernel",
+        py::arg("q"), py::arg("head_dim"), py::arg("tensor_cores") = true);
     m.def("indexer_topk", &indexer_topk, "IndexerTopK into out", py::arg("out"), py::arg("q"), py::arg("weights"),
         py::arg("keys"), py::arg("q_pos"), py::arg("ratio"), py::arg("topk"), py::arg("bf16_scores") = false,
         py::arg("num_sms") = 0, py::arg("workspace_bytes") = -1);

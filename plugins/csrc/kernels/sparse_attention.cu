@@ -10,9 +10,16 @@
 // without any valid key are skipped before any KV byte is read.
 // When B * S * head-groups is too small to fill the GPU the key list is split over blocks and a
 // second kernel merges the partial (max, sum, acc) triples with the sink (flash-decoding).
-// Arithmetic: fp32 on CUDA cores (exp2 with the scale folded into q). Correctness-first: the
-// tensor-core (mma / wgmma) variant is future work, see docs/plugins.md.
-#include "../common.cuh"
+// Two kernels behind one launcher:
+// - tensor cores (the production path: bf16/fp16 q, D == 512, sm_80+): 4 warps per (row, 16 heads,
+//   key split), tiles of 32 keys staged as 16-bit values; Q.K^T and P.V are mma.sync m16n8k16 with
+//   fp32 accumulation (plugins/csrc/mma.cuh), softmax in fp32. Each warp scores 8 keys of the tile
+//   and owns 128 of the 512 output dims. Keys from the FP8 entry are exact in bf16 (e4m3 times a
+//   power of two; RoPE dims are bf16), so the only roundings are P (and fp16/fp32 KV) to 16 bits.
+// - CUDA cores (fp32 q, other D, sm < 80, or tensor_cores == false): fp32 throughout, exp2 with
+//   the scale folded into q; it is also the 1e-5 reference the fp32 tests hold the op to.
+// wgmma (sm_90a) is the next step for the tensor-core kernel, see docs/plugins.md.
+#include "../mma.cuh"
 
 #include <cmath>
 
@@ -292,16 +299,296 @@ __global__ void __launch_bounds__(128) sparse_attention_combine_kernel(SaArgs a)
     }
 }
 
-template <class Loader>
-cudaError_t launch(SaArgs const& a, Loader win, Loader ent, cudaStream_t stream)
+// ----------------------------------------------------------------------------- tensor-core kernel
+constexpr int kTcThreads = 128;              // 4 warps
+constexpr int kTcKeys = 32;                  // keys per tile: 8 per warp in Q.K^T
+constexpr int kTcD = 512;                    // entry / head width of this kernel
+constexpr int kTcPitch = kTcD + 8;           // 16-bit elements per staged row: conflict-free fragments
+constexpr int kTcPPitch = kTcKeys + 8;
+constexpr int kTcDimsPerWarp = kTcD / 4;     // output dims per warp in P.V
+constexpr int kTcNT = kTcDimsPerWarp / 8;    // 8-wide n-tiles per warp
+
+size_t tc_smem_bytes()
 {
-    size_t const smem = smem_bytes(a.D);
-    auto kernel = sparse_attention_kernel<Loader>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess)
-        return err;
+    return sizeof(uint16_t) * (size_t(kHeads) * kTcPitch + size_t(kTcKeys) * kTcPitch + size_t(kHeads) * kTcPPitch)
+        + sizeof(float) * 4 * kHeads;
+}
+
+template <bool kHalf>
+__device__ __forceinline__ uint16_t to16(float v)
+{
+    if constexpr (kHalf)
+        return __half_as_ushort(__float2half_rn(v));
+    else
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+__device__ __forceinline__ uint32_t lds32(uint16_t const* p)
+{
+    return *reinterpret_cast<uint32_t const*>(p);
+}
+
+template <bool kHalf, class Loader>
+__global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs a, Loader win, Loader ent)
+{
+    HATRT_DYNAMIC_SMEM(float4, smem4);
+    uint16_t* sq = reinterpret_cast<uint16_t*>(smem4);                // [16 heads][kTcPitch]
+    uint16_t* skv = sq + kHeads * kTcPitch;                            // [32 keys][kTcPitch]
+    uint16_t* sp = skv + kTcKeys * kTcPitch;                           // [16 heads][kTcPPitch]
+    float* sred = reinterpret_cast<float*>(sp + kHeads * kTcPPitch);  // [4 warps][16 heads]
+    __shared__ int64_t s_row[kTcKeys];
+    __shared__ int s_ent[kTcKeys];
+
+    int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    int64_t const row = blockIdx.x;
+    int const h0 = blockIdx.y * kHeads;
+    int const split = blockIdx.z;
+    int64_t const b = row / a.S;
+    int64_t const qt = load_idx(a.q_pos, a.q_pos_type, row);
+
+    // q (16-bit, exact: q is bf16/fp16); heads beyond H are zero rows whose results are dropped
+    for (int i = tid; i < kHeads * (kTcD / 2); i += kTcThreads)
+    {
+        int const hh = i / (kTcD / 2), d = 2 * (i % (kTcD / 2));
+        int const h = h0 + hh;
+        float v0 = 0.F, v1 = 0.F;
+        if (h < a.H)
+        {
+            int64_t const o = (row * a.H + h) * kTcD + d;
+            v0 = load_f(a.q, a.q_dtype, o);
+            v1 = load_f(a.q, a.q_dtype, o + 1);
+        }
+        *reinterpret_cast<uint32_t*>(sq + hh * kTcPitch + d) = pack16(to16<kHalf>(v0), to16<kHalf>(v1));
+    }
+
+    float m_run[2] = {-INFINITY, -INFINITY}; // running max (log2 units) of heads g and g + 8
+    float l_part[2] = {0.F, 0.F};            // this lane's share of the running sums
+    float o[kTcNT][4];
+#pragma unroll
+    for (int j = 0; j < kTcNT; ++j)
+        o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.F;
+
+    int64_t const n_keys = a.L + a.K;
+    int64_t const n_tiles = (n_keys + kTcKeys - 1) / kTcKeys;
+    int64_t const tile_begin = int64_t(split) * a.tiles_per_split;
+    int64_t const tile_end = min(n_tiles, tile_begin + a.tiles_per_split);
+    int const key0 = warp * 8;      // this warp's keys in Q.K^T
+    int const dim0 = warp * kTcDimsPerWarp; // this warp's output dims in P.V
+
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile)
+    {
+        __syncthreads(); // the previous tile's keys and probabilities are consumed
+        int valid = 0;
+        if (tid < kTcKeys)
+        {
+            int64_t const j = tile * kTcKeys + tid;
+            int64_t src = -1;
+            int is_ent = 0;
+            if (j < a.L)
+            {
+                int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
+                int64_t const dist = qt - pos;
+                if (pos >= 0 && dist >= 0 && dist < a.window)
+                    src = b * a.L + j;
+            }
+            else if (j < n_keys)
+            {
+                int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
+                if (idx >= 0 && idx < a.N)
+                    src = b * a.N + idx;
+                is_ent = 1;
+            }
+            s_row[tid] = src;
+            s_ent[tid] = is_ent;
+            valid = src >= 0;
+        }
+        if (!__syncthreads_or(valid))
+            continue; // no valid key in this tile: nothing to read or add
+
+        // stage the keys as 16-bit values; invalid keys are zero so P.V never meets stale data
+        for (int i = tid; i < kTcKeys * (kTcD / 8); i += kTcThreads)
+        {
+            int const k = i / (kTcD / 8), c = i % (kTcD / 8);
+            float v[8];
+            int64_t const src = s_row[k];
+            if (src >= 0)
+            {
+                if (s_ent[k])
+                    ent.load8(src, c * 8, v);
+                else
+                    win.load8(src, c * 8, v);
+            }
+            else
+            {
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    v[e] = 0.F;
+            }
+            uint4 packed;
+            packed.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
+            packed.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
+            packed.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
+            packed.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
+            *reinterpret_cast<uint4*>(skv + k * kTcPitch + c * 8) = packed;
+        }
+        __syncthreads();
+
+        // S[16 heads][8 keys of this warp] = Q K^T
+        float s[4] = {0.F, 0.F, 0.F, 0.F};
+#pragma unroll 4
+        for (int k0 = 0; k0 < kTcD; k0 += 16)
+        {
+            uint32_t const af[4] = {lds32(sq + g * kTcPitch + k0 + 2 * t), lds32(sq + (g + 8) * kTcPitch + k0 + 2 * t),
+                lds32(sq + g * kTcPitch + k0 + 2 * t + 8), lds32(sq + (g + 8) * kTcPitch + k0 + 2 * t + 8)};
+            uint32_t const bf[2]
+                = {lds32(skv + (key0 + g) * kTcPitch + k0 + 2 * t), lds32(skv + (key0 + g) * kTcPitch + k0 + 2 * t + 8)};
+            mma_16816<kHalf>(s, af, bf);
+        }
+        // s[0], s[1]: head g, keys key0 + 2t, +1; s[2], s[3]: head g + 8, same keys
+        bool const ok0 = s_row[key0 + 2 * t] >= 0, ok1 = s_row[key0 + 2 * t + 1] >= 0;
+        s[0] = ok0 ? s[0] * a.scale_log2 : -INFINITY;
+        s[1] = ok1 ? s[1] * a.scale_log2 : -INFINITY;
+        s[2] = ok0 ? s[2] * a.scale_log2 : -INFINITY;
+        s[3] = ok1 ? s[3] * a.scale_log2 : -INFINITY;
+        float mx[2] = {fmaxf(s[0], s[1]), fmaxf(s[2], s[3])};
+#pragma unroll
+        for (int off = 1; off <= 2; off <<= 1)
+        {
+            mx[0] = fmaxf(mx[0], __shfl_xor_sync(0xFFFFFFFFu, mx[0], off));
+            mx[1] = fmaxf(mx[1], __shfl_xor_sync(0xFFFFFFFFu, mx[1], off));
+        }
+        if (t == 0)
+        {
+            sred[warp * kHeads + g] = mx[0];
+            sred[warp * kHeads + g + 8] = mx[1];
+        }
+        __syncthreads();
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+        {
+            int const hh = g + 8 * r;
+            float const tmax = fmaxf(fmaxf(sred[hh], sred[kHeads + hh]), fmaxf(sred[2 * kHeads + hh], sred[3 * kHeads + hh]));
+            float const m_new = fmaxf(m_run[r], tmax);
+            alpha[r] = m_new == -INFINITY ? 1.F : exp2f(m_run[r] - m_new);
+            float const p0 = m_new == -INFINITY ? 0.F : exp2f(s[2 * r] - m_new);
+            float const p1 = m_new == -INFINITY ? 0.F : exp2f(s[2 * r + 1] - m_new);
+            l_part[r] = l_part[r] * alpha[r] + p0 + p1;
+            m_run[r] = m_new;
+            *reinterpret_cast<uint32_t*>(sp + hh * kTcPPitch + key0 + 2 * t) = pack16(to16<kHalf>(p0), to16<kHalf>(p1));
+        }
+        __syncthreads(); // P complete
+
+        // O[16 heads][this warp's 128 dims] = O * alpha + P V
+#pragma unroll
+        for (int j = 0; j < kTcNT; ++j)
+        {
+            o[j][0] *= alpha[0];
+            o[j][1] *= alpha[0];
+            o[j][2] *= alpha[1];
+            o[j][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int ks = 0; ks < kTcKeys; ks += 16)
+        {
+            uint32_t const af[4] = {lds32(sp + g * kTcPPitch + ks + 2 * t), lds32(sp + (g + 8) * kTcPPitch + ks + 2 * t),
+                lds32(sp + g * kTcPPitch + ks + 2 * t + 8), lds32(sp + (g + 8) * kTcPPitch + ks + 2 * t + 8)};
+#pragma unroll
+            for (int j = 0; j < kTcNT; ++j)
+            {
+                uint16_t const* v = skv + (ks + 2 * t) * kTcPitch + dim0 + j * 8 + g;
+                uint32_t const bf[2] = {pack16(v[0], v[kTcPitch]), pack16(v[8 * kTcPitch], v[9 * kTcPitch])};
+                mma_16816<kHalf>(o[j], af, bf);
+            }
+        }
+    }
+
+    // row sums: over the quad's lanes, then over the 4 warps
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+    {
+        l_part[r] += __shfl_xor_sync(0xFFFFFFFFu, l_part[r], 1);
+        l_part[r] += __shfl_xor_sync(0xFFFFFFFFu, l_part[r], 2);
+    }
+    __syncthreads();
+    if (t == 0)
+    {
+        sred[warp * kHeads + g] = l_part[0];
+        sred[warp * kHeads + g + 8] = l_part[1];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+    {
+        int const hh = g + 8 * r;
+        int const h = h0 + hh;
+        if (h >= a.H)
+            continue;
+        float const m = m_run[r];
+        float const l = sred[hh] + sred[kHeads + hh] + sred[2 * kHeads + hh] + sred[3 * kHeads + hh];
+        if (a.splits == 1)
+        {
+            float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
+            float const M = fmaxf(m, sk);
+            float f = 0.F;
+            if (m != -INFINITY && M != -INFINITY)
+                f = exp2f(m - M) / (l * exp2f(m - M) + exp2f(sk - M));
+            int64_t const base = (row * a.H + h) * kTcD + dim0 + 2 * t;
+#pragma unroll
+            for (int j = 0; j < kTcNT; ++j)
+            {
+                store_f(a.out, a.q_dtype, base + j * 8, o[j][2 * r] * f);
+                store_f(a.out, a.q_dtype, base + j * 8 + 1, o[j][2 * r + 1] * f);
+            }
+        }
+        else
+        {
+            int64_t const slot = (int64_t(split) * a.rows + row) * a.H + h;
+            float* dst = a.ws_acc + slot * kTcD + dim0 + 2 * t;
+#pragma unroll
+            for (int j = 0; j < kTcNT; ++j)
+            {
+                dst[j * 8] = o[j][2 * r];
+                dst[j * 8 + 1] = o[j][2 * r + 1];
+            }
+            if (warp == 0 && t == 0)
+            {
+                a.ws_ml[2 * slot] = m;
+                a.ws_ml[2 * slot + 1] = l;
+            }
+        }
+    }
+}
+
+//! Keys per tile of the kernel the launcher picks.
+int tile_keys(bool tensor_cores)
+{
+    return tensor_cores ? kTcKeys : kTile;
+}
+
+template <class Loader>
+cudaError_t launch(SaArgs const& a, Loader win, Loader ent, bool tensor_cores, bool half, cudaStream_t stream)
+{
     dim3 grid(unsigned(a.rows), unsigned((a.H + kHeads - 1) / kHeads), unsigned(a.splits));
-    HATRT_LAUNCH(kernel, grid, kThreads, smem, stream)(a, win, ent);
+    cudaError_t err = cudaSuccess;
+    if (tensor_cores)
+    {
+        size_t const smem = tc_smem_bytes();
+        auto kernel = half ? sparse_attention_tc_kernel<true, Loader> : sparse_attention_tc_kernel<false, Loader>;
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        if (err != cudaSuccess)
+            return err;
+        HATRT_LAUNCH(kernel, grid, kTcThreads, smem, stream)(a, win, ent);
+    }
+    else
+    {
+        size_t const smem = smem_bytes(a.D);
+        auto kernel = sparse_attention_kernel<Loader>;
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        if (err != cudaSuccess)
+            return err;
+        HATRT_LAUNCH(kernel, grid, kThreads, smem, stream)(a, win, ent);
+    }
     err = cudaGetLastError();
     if (err != cudaSuccess || a.splits == 1)
         return err;
@@ -311,6 +598,12 @@ cudaError_t launch(SaArgs const& a, Loader win, Loader ent, cudaStream_t stream)
 
 } // namespace
 } // namespace detail
+
+bool use_tensor_cores(SparseAttentionParams const& p)
+{
+    return p.tensor_cores && p.D == detail::kTcD && (p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16)
+        && detail::device_cc_major() >= 8;
+}
 
 char const* sparse_attention_check(SparseAttentionParams const& p)
 {
@@ -367,7 +660,8 @@ cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream
     a.sink = p.sink, a.sink_dtype = p.sink_dtype, a.out = p.out;
 
     // Key splits (flash-decoding) when the grid would not fill the GPU.
-    int64_t const n_tiles = (p.L + p.K + kTile - 1) / kTile;
+    bool const tc = use_tensor_cores(p);
+    int64_t const n_tiles = (p.L + p.K + tile_keys(tc) - 1) / tile_keys(tc);
     int64_t const blocks = rows * ((p.H + kHeads - 1) / kHeads);
     int const sms = device_num_sms(p.num_sms);
     int64_t splits = 1;
@@ -391,20 +685,21 @@ cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream
         a.ws_ml = a.ws_acc + size_t(a.splits) * rows * p.H * p.D;
     }
 
+    bool const half = p.q_dtype == DType::kFloat16;
     switch (p.kv_dtype)
     {
     case DType::kFloat32:
         return launch(a, PlainLoader<float>{static_cast<float const*>(p.window_kv), p.D},
-            PlainLoader<float>{static_cast<float const*>(p.entries), p.D}, stream);
+            PlainLoader<float>{static_cast<float const*>(p.entries), p.D}, tc, half, stream);
     case DType::kFloat16:
         return launch(a, PlainLoader<__half>{static_cast<__half const*>(p.window_kv), p.D},
-            PlainLoader<__half>{static_cast<__half const*>(p.entries), p.D}, stream);
+            PlainLoader<__half>{static_cast<__half const*>(p.entries), p.D}, tc, half, stream);
     case DType::kBFloat16:
         return launch(a, PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(p.window_kv), p.D},
-            PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(p.entries), p.D}, stream);
+            PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(p.entries), p.D}, tc, half, stream);
     case DType::kEntry584:
         return launch(a, Entry584Loader{static_cast<uint8_t const*>(p.window_kv)},
-            Entry584Loader{static_cast<uint8_t const*>(p.entries)}, stream);
+            Entry584Loader{static_cast<uint8_t const*>(p.entries)}, tc, half, stream);
     }
     return cudaErrorInvalidValue;
 }

@@ -91,9 +91,16 @@ struct SparseAttentionParams
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
     int32_t num_sms = 0; //!< 0: read from the current device
+
+    //! Use the tensor-core kernel where it applies (bf16/fp16 q, D == 512, sm_80+): Q.K^T and P.V
+    //! with 16-bit inputs (keys/values rounded to q's type: exact for the FP8 entry and bf16 KV)
+    //! and fp32 accumulation. false: the fp32 CUDA-core kernel for every case.
+    bool tensor_cores = true;
 };
 
 char const* sparse_attention_check(SparseAttentionParams const& p);
+//! Whether sparse_attention() runs these parameters on the tensor-core kernel.
+bool use_tensor_cores(SparseAttentionParams const& p);
 //! Scratch that lets sparse_attention() split keys whenever that helps, for any B * S.
 size_t sparse_attention_workspace_bytes(int32_t H, int32_t D, int32_t num_sms);
 cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream);
