@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check of the hatrt kernels and plugins (< 8 minutes on an H100/H200):
 #   1. build the kernel library + plugin library with CMake (plugin library only when the TensorRT
-#      headers are present: carry third_party/TensorRT/include), sm_90a on Hopper;
+#      headers are present: carry third_party/TensorRT/include), sm_90a on Hopper; run the emulator
+#      self-test on the GPU (it checks the mma fragment layout the kernels and the emulator assume);
 #   2. build the torch extension that exposes the launchers and run the reference comparisons
 #      (plugins/tests/test_kernels.py, target cuda: fresh random inputs, NaN-poisoned outputs);
 #   3. run the plugin harness (creators -> plugins -> enqueue on the GPU, no TensorRT builder);
@@ -13,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-build/gpu_check}"
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" build
 PY="${PYTHON:-python3}"
 JOBS="$(nproc 2>/dev/null || echo 8)"
 status=0
@@ -33,6 +34,15 @@ if cmake -S plugins -B build/plugins_gpu -DCMAKE_BUILD_TYPE=Release -DHATRT_CUDA
   echo "cmake build ok in $(( $(date +%s) - t0 )) s"; ls -la build/plugins_gpu/*.so build/plugins_gpu/*.a 2>/dev/null
 else
   echo "cmake build FAILED (see cmake.log)"; tail -30 "$OUT_DIR/cmake.log"; status=1
+fi
+
+step "tensor-core layout + emulator self-test on the GPU (plugins/emu/emu_selftest.cu)"
+if timeout 120 nvcc -std=c++17 -O2 -gencode=arch=compute_${ARCH},code=sm_${ARCH} -Iplugins/csrc/include \
+     plugins/emu/emu_selftest.cu -o build/emu_selftest_gpu >"$OUT_DIR/selftest.txt" 2>&1; then
+  timeout 60 build/emu_selftest_gpu 2>&1 | tee -a "$OUT_DIR/selftest.txt"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+else
+  echo "self-test build FAILED"; tail -20 "$OUT_DIR/selftest.txt"; status=1
 fi
 
 step "torch extension"

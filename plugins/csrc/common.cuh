@@ -134,6 +134,22 @@ __device__ __forceinline__ float round_e2m1(float y)
     return copysignf(r, y);
 }
 
+//! e2m1 code (sign bit 3) of a value round_e2m1 returned.
+__device__ __forceinline__ uint32_t e2m1_code(float r)
+{
+    float const a = fabsf(r);
+    uint32_t const mag = a < 0.25F ? 0U : a < 0.75F ? 1U : a < 1.25F ? 2U : a < 1.75F ? 3U : a < 2.5F ? 4U : a < 3.5F ? 5U : a < 5.F ? 6U : 7U;
+    return mag | ((__float_as_uint(r) >> 31) << 3); // the sign bit, -0 included
+}
+
+__device__ __forceinline__ float e2m1_value(uint32_t code)
+{
+    // 0 0.5 1 1.5 2 3 4 6 for codes 0..7; bit 3 is the sign
+    uint32_t const m = code & 7U;
+    float const a = m < 4U ? 0.5F * float(m) : float(1U << (m / 2U - 1U)) * (m % 2U ? 1.5F : 1.F);
+    return (code & 8U) ? -a : a;
+}
+
 __device__ __forceinline__ float fake_fp4(float v, float scale)
 {
     return round_e2m1(fminf(fmaxf(v / scale, -kFp4Max), kFp4Max)) * scale;
@@ -228,6 +244,22 @@ struct Entry584Loader
                 v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
             }
         }
+    }
+};
+
+//! 8 consecutive values [d0, d0 + 8) of a 68-byte MXFP4 index key, exactly.
+struct IndexKey68Loader
+{
+    uint8_t const* base;
+
+    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    {
+        uint8_t const* e = base + row * index_key68::kBytes; // 4-byte aligned (68 = 4 * 17)
+        uint32_t const w = __ldg(reinterpret_cast<uint32_t const*>(e + d0 / 2));
+        float const s = ue8m0_value(__ldg(e + index_key68::kScaleOffset + d0 / index_key68::kBlock));
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            v[i] = e2m1_value((w >> (4 * i)) & 0xFU) * s;
     }
 };
 

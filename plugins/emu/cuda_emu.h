@@ -349,29 +349,28 @@ inline void mma_m16n8k16(float (&d)[4], uint32_t const (&a)[4], uint32_t const (
     auto val = [](uint32_t bits16) {
         return kHalf ? __half2float(__ushort_as_half(static_cast<unsigned short>(bits16))) : __uint_as_float(bits16 << 16);
     };
-    float A[16][16], B[16][8];
-    for (unsigned l = 0; l < 32; ++l)
-    {
-        uint32_t f[6];
-        std::memcpy(f, all + l * kExchangeBytes, sizeof(f));
-        unsigned const g = l / 4, t = l % 4;
-        for (unsigned h = 0; h < 2; ++h) // low half = lower column (A) / row (B) index
-        {
-            A[g][2 * t + h] = val((f[0] >> (16 * h)) & 0xFFFFU);
-            A[g + 8][2 * t + h] = val((f[1] >> (16 * h)) & 0xFFFFU);
-            A[g][2 * t + 8 + h] = val((f[2] >> (16 * h)) & 0xFFFFU);
-            A[g + 8][2 * t + 8 + h] = val((f[3] >> (16 * h)) & 0xFFFFU);
-            B[2 * t + h][g] = val((f[4] >> (16 * h)) & 0xFFFFU);
-            B[2 * t + 8 + h][g] = val((f[5] >> (16 * h)) & 0xFFFFU);
-        }
-    }
+    auto frag = [all](unsigned l, unsigned reg) {
+        uint32_t f;
+        std::memcpy(&f, all + l * kExchangeBytes + 4 * reg, sizeof(f));
+        return f;
+    };
+    // Only what this lane's outputs need: A rows g and g + 8, B columns 2t and 2t + 1. Element
+    // (row, k) of A sits in lane 4 (row % 8) + (k % 8) / 2, register 2 (k / 8) + row / 8, half k % 2;
+    // element (k, n) of B in lane 4 n + (k % 8) / 2, register 4 + k / 8, half k % 2.
     unsigned const lane = lane_id(), g = lane / 4, t = lane % 4;
+    float A[2][16], B[16][2];
+    for (unsigned k = 0; k < 16; ++k)
+    {
+        for (unsigned r = 0; r < 2; ++r)
+            A[r][k] = val((frag(4 * g + (k % 8) / 2, 2 * (k / 8) + r) >> (16 * (k % 2))) & 0xFFFFU);
+        for (unsigned c = 0; c < 2; ++c)
+            B[k][c] = val((frag(4 * (2 * t + c) + (k % 8) / 2, 4 + k / 8) >> (16 * (k % 2))) & 0xFFFFU);
+    }
     for (unsigned i = 0; i < 4; ++i)
     {
-        unsigned const r = g + 8 * (i / 2), c = 2 * t + i % 2;
         float acc = d[i];
         for (unsigned k = 0; k < 16; ++k)
-            acc = std::fma(A[r][k], B[k][c], acc);
+            acc = std::fma(A[i / 2][k], B[k][i % 2], acc);
         d[i] = acc;
     }
 }

@@ -2,20 +2,16 @@
 // mistakes it promises to expose are exposed. Built by tests/test_cuda_emu.py:
 //   g++ -std=c++17 -x c++ -include plugins/emu/cuda_emu.h plugins/emu/emu_selftest.cu plugins/emu/cuda_emu.cpp
 // Plain CUDA (with the HATRT_* spellings of common.cuh), so nvcc compiles it too and a GPU run of
-// the "correct" half gives the same answers.
+// the "correct" half gives the same answers (scripts/gpu_check.sh runs it): in particular the
+// tensor-core check below holds the documented mma fragment layout (plugins/csrc/mma.cuh), which
+// the emulator implements and the kernels rely on, against the hardware.
+#include "../csrc/mma.cuh" // also brings HATRT_LAUNCH / HATRT_DYNAMIC_SMEM (common.cuh)
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <vector>
-
-#ifdef HATRT_CUDA_EMU
-#define HATRT_DYNAMIC_SMEM(T, name) T* name = static_cast<T*>(::hatrt::emu::dynamic_smem())
-#define HATRT_LAUNCH(kernel, grid, block, smem, stream) ::hatrt::emu::launch(kernel, grid, block, smem, stream)
-#else
-#define HATRT_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
-#define HATRT_LAUNCH(kernel, grid, block, smem, stream) kernel<<<grid, block, smem, stream>>>
-#endif
 
 namespace
 {
@@ -73,6 +69,26 @@ __global__ void warp_ops(int const* x, int* scan, unsigned* ballots, int* counts
     int const all = __syncthreads_and(x[tid] >= 0);
     if (tid == 0)
         counts[0] = c, counts[1] = any, counts[2] = all;
+}
+
+// D = A B for one m16n8k16 tile, each lane building its fragments by the layout of mma.cuh.
+__global__ void mma_tile(float const* A, float const* B, float* D) // A [16][16], B [16][8], D [16][8]
+{
+    using hatrt::detail::pack16;
+    unsigned const lane = threadIdx.x, g = lane / 4, t = lane % 4;
+    auto bf = [](float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); };
+    uint32_t const a[4] = {pack16(bf(A[g * 16 + 2 * t]), bf(A[g * 16 + 2 * t + 1])),
+        pack16(bf(A[(g + 8) * 16 + 2 * t]), bf(A[(g + 8) * 16 + 2 * t + 1])),
+        pack16(bf(A[g * 16 + 2 * t + 8]), bf(A[g * 16 + 2 * t + 9])),
+        pack16(bf(A[(g + 8) * 16 + 2 * t + 8]), bf(A[(g + 8) * 16 + 2 * t + 9]))};
+    uint32_t const b[2] = {pack16(bf(B[(2 * t) * 8 + g]), bf(B[(2 * t + 1) * 8 + g])),
+        pack16(bf(B[(2 * t + 8) * 8 + g]), bf(B[(2 * t + 9) * 8 + g]))};
+    float d[4] = {0.F, 0.F, 0.F, 0.F};
+    hatrt::detail::mma_16816<false>(d, a, b);
+    D[g * 8 + 2 * t] = d[0];
+    D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2];
+    D[(g + 8) * 8 + 2 * t + 1] = d[3];
 }
 
 #ifdef HATRT_CUDA_EMU // the buggy kernels only run on the emulator
@@ -179,6 +195,37 @@ int main()
         cudaFree(dscan);
         cudaFree(dballots);
         cudaFree(dcounts);
+    }
+
+    {
+        // small integers: exact in bf16 and in the fp32 sums, so D must equal A B exactly
+        std::vector<float> A(256), B(128), D(128, -1.F);
+        for (int i = 0; i < 256; ++i)
+            A[i] = float((i * 7 + 3) % 9) - 4.F;
+        for (int i = 0; i < 128; ++i)
+            B[i] = float((i * 5 + 1) % 7) - 3.F;
+        float *dA = nullptr, *dB = nullptr, *dD = nullptr;
+        cudaMalloc(reinterpret_cast<void**>(&dA), 256 * 4);
+        cudaMalloc(reinterpret_cast<void**>(&dB), 128 * 4);
+        cudaMalloc(reinterpret_cast<void**>(&dD), 128 * 4);
+        cudaMemcpy(dA, A.data(), 256 * 4, cudaMemcpyHostToDevice);
+        cudaMemcpy(dB, B.data(), 128 * 4, cudaMemcpyHostToDevice);
+        HATRT_LAUNCH(mma_tile, 1, 32, 0, nullptr)(dA, dB, dD);
+        check(cudaGetLastError() == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess, "mma_tile runs");
+        cudaMemcpy(D.data(), dD, 128 * 4, cudaMemcpyDeviceToHost);
+        bool exact = true;
+        for (int r = 0; r < 16; ++r)
+            for (int c = 0; c < 8; ++c)
+            {
+                float ref = 0.F;
+                for (int k = 0; k < 16; ++k)
+                    ref += A[r * 16 + k] * B[k * 8 + c];
+                exact &= D[r * 8 + c] == ref;
+            }
+        check(exact, "mma.sync m16n8k16 with the documented fragment layout computes A B");
+        cudaFree(dA);
+        cudaFree(dB);
+        cudaFree(dD);
     }
 
 #ifdef HATRT_CUDA_EMU

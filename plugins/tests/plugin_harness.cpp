@@ -272,6 +272,18 @@ void cpuChecks()
                 "IndexerTopK: q_pos int32/int64 only");
             CHECK(build(p)->configurePlugin(io.data(), 4, io.data() + 4, 1) == 0, "IndexerTopK: configure");
             CHECK(build(p)->getWorkspaceSize(io.data(), 4, io.data() + 4, 1) >= 100 * 4, "IndexerTopK: workspace");
+            auto packed = io;
+            packed[2] = ddesc(DataType::kUINT8, {2, 100, 68});
+            CHECK(accepts(p, packed, 4, 2, DataType::kUINT8), "IndexerTopK: packed 68-byte FP4 keys accepted");
+            CHECK(build(p)->configurePlugin(packed.data(), 4, packed.data() + 4, 1) == 0,
+                "IndexerTopK: configure packed keys");
+            auto bad = packed;
+            bad[2].desc.dims = dims({2, 100, 64});
+            CHECK(!accepts(p, bad, 4, 2, DataType::kUINT8), "IndexerTopK: uint8 keys must be 68 wide");
+            auto badDi = packed;
+            badDi[0].desc.dims = dims({2, 3, 64, 64});
+            CHECK(build(p)->configurePlugin(badDi.data(), 4, badDi.data() + 4, 1) != 0,
+                "IndexerTopK: packed keys with Di != 128 refused");
             checkSerialization("IndexerTopK", p);
             delete p;
         }
@@ -438,6 +450,43 @@ void gpuCompress()
     delete p;
 }
 
+void gpuIndexerPacked()
+{
+    // production inputs: bf16 q and weights, 68-byte FP4 keys (tensor-core scoring), bf16 scores
+    int64_t const B = 2, S = 2, Hi = 64, Di = 128, N = 2000, topk = 128;
+    Buf q(B * S * Hi * Di * 2), w(B * S * Hi * 2), kf(B * N * Di * 4), k(B * N * 68), pos(B * S * 8),
+        out(B * S * topk * 8), ref(B * S * topk * 8);
+    auto bf = [](std::vector<float> const& v) {
+        std::vector<__nv_bfloat16> h(v.size());
+        for (size_t i = 0; i < v.size(); ++i)
+            h[i] = __float2bfloat16(v[i]);
+        return h;
+    };
+    q.upload(bf(randf(B * S * Hi * Di))), w.upload(bf(randf(B * S * Hi))), kf.upload(randf(B * N * Di));
+    CUDA_OK(hatrt::index_key_write_68(B * N, kf.p, hatrt::DType::kFloat32, nullptr, hatrt::IndexType::kInt64,
+        static_cast<uint8_t*>(k.p), nullptr));
+    pos.upload(std::vector<int64_t>{7999, 4000, 123, 7999});
+    cudaMemset(out.p, 0x7F, out.bytes);
+    IPluginV3* p = create("IndexerTopK", Fields().i("ratio", 4).i("topk", int32_t(topk)).i("bf16_scores", 1));
+    std::vector<PluginTensorDesc> in = {pdesc(DataType::kBF16, {B, S, Hi, Di}), pdesc(DataType::kBF16, {B, S, Hi}),
+        pdesc(DataType::kUINT8, {B, N, 68}), pdesc(DataType::kINT64, {B, S})};
+    std::vector<void const*> ptrs = {q.p, w.p, k.p, pos.p};
+    CHECK(runPlugin(p, in, ptrs, pdesc(DataType::kINT64, {B, S, topk}), out.p) == 0, "IndexerTopK (FP4 keys) enqueue");
+    hatrt::IndexerTopKParams c;
+    c.B = B, c.S = S, c.Hi = int32_t(Hi), c.Di = int32_t(Di), c.N = N, c.ratio = 4, c.topk = int32_t(topk);
+    c.bf16_scores = true;
+    c.q = q.p, c.q_dtype = hatrt::DType::kBFloat16, c.weights = w.p, c.weights_dtype = hatrt::DType::kBFloat16;
+    c.keys = k.p, c.keys_dtype = hatrt::DType::kIndexKey68, c.q_pos = pos.p, c.out = static_cast<int64_t*>(ref.p);
+    CHECK(hatrt::indexer_uses_tensor_cores(c), "IndexerTopK (FP4 keys) scores on tensor cores");
+    Buf ws(hatrt::indexer_topk_workspace_bytes(B * S, N));
+    c.workspace = ws.p, c.workspace_bytes = ws.bytes;
+    CUDA_OK(hatrt::indexer_topk(c, nullptr));
+    cudaDeviceSynchronize();
+    auto o = out.download<int64_t>(B * S * topk), e = ref.download<int64_t>(B * S * topk);
+    CHECK(o == e, "IndexerTopK (FP4 keys) plugin == launcher");
+    delete p;
+}
+
 void gpuIndexer()
 {
     int64_t const B = 2, S = 3, Hi = 64, Di = 128, N = 3000, topk = 64;
@@ -550,6 +599,7 @@ int main()
 #endif
         gpuCompress();
         gpuIndexer();
+        gpuIndexerPacked();
         gpuAttention(false);
         gpuAttention(true);
     }

@@ -227,36 +227,87 @@ def test_compress_fused_cache_write(kern):
 
 # ----------------------------------------------------------------------------- indexer + top-k
 INDEXER_CASES = [
-    # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, pos dtype, num_sms, workspace_bytes (-1 default)
-    (2, 5, 64, 128, 0, 16, 4, False, F32, torch.int64, 0, -1),       # nothing visible
-    (2, 5, 8, 32, 10, 16, 4, False, F32, torch.int64, 0, -1),        # fewer than topk
-    (2, 7, 64, 128, 900, 64, 4, False, BF16, torch.int32, 0, -1),    # fused, scores in shared memory
-    (1, 3, 64, 128, 5000, 512, 4, True, F32, torch.int64, 0, -1),    # bf16 scores: many ties
-    (1, 2, 100, 64, 3000, 128, 4, False, F16, torch.int64, 0, -1),   # two head blocks
-    (2, 3, 64, 128, 20000, 512, 4, False, BF16, torch.int64, 100000, -1),  # split path (few rows)
-    (2, 4, 16, 64, 70000, 256, 4, False, F32, torch.int64, 1, 3 * 70000 * 4),  # fused, workspace, batches
+    # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, keys ("same" or "fp4": 68-byte packed), pos dtype,
+    # num_sms, workspace_bytes (-1 default). bf16/fp16 cases with Di % 16 == 0 score on tensor cores
+    # and run again on CUDA cores (_indexer_runs).
+    (2, 5, 64, 128, 0, 16, 4, False, F32, "same", torch.int64, 0, -1),       # nothing visible
+    (2, 5, 8, 32, 10, 16, 4, False, F32, "same", torch.int64, 0, -1),        # fewer than topk
+    (2, 7, 64, 128, 900, 64, 4, False, BF16, "same", torch.int32, 0, -1),    # fused, scores in shared memory
+    (1, 3, 64, 128, 5000, 512, 4, True, F32, "same", torch.int64, 0, -1),    # bf16 scores: many ties
+    (1, 2, 100, 64, 3000, 128, 4, False, F16, "same", torch.int64, 0, -1),   # two head blocks
+    (2, 3, 64, 128, 20000, 512, 4, False, BF16, "same", torch.int64, 100000, -1),  # split path (few rows)
+    (2, 4, 16, 64, 70000, 256, 4, False, F32, "same", torch.int64, 1, 3 * 70000 * 4),  # fused, workspace, batches
+    (2, 6, 64, 128, 1500, 128, 4, True, BF16, "fp4", torch.int64, 0, -1),    # production: FP4 keys, bf16 scores
+    (1, 2, 64, 128, 9000, 512, 4, False, BF16, "fp4", torch.int32, 100000, -1),  # FP4 keys, split path
 ]
+
+
+def _indexer_runs():
+    for case in INDEXER_CASES:
+        yield case, True
+        if case[8] != F32 and case[3] % 16 == 0:
+            yield case, False  # the same case on CUDA cores
 
 
 def _visible(q_pos, ratio, N):
     return torch.div(q_pos + 1, ratio, rounding_mode="floor").clamp(min=0, max=N)
 
 
+def _index_keys(ext, keys, packing):
+    """(the tensor the kernel reads, the float keys it means): packed keys go through
+    index_key_write_68 and come back through index_key_read_68."""
+    if packing == "same":
+        return keys, keys.float()
+    B, N, Di = keys.shape
+    packed = torch.full((B * N, 68), 0xEE, dtype=torch.uint8, device=keys.device)
+    ext.index_key_write_68(packed, keys.reshape(B * N, Di).contiguous())
+    back = torch.empty((B * N, Di), device=keys.device)
+    ext.index_key_read_68(back, packed)
+    return packed.view(B, N, 68), back.view(B, N, Di)
+
+
+def test_index_key_write_read_68(kern):
+    ext, (_, quant) = kern.ext, _ref()
+    for dtype in (F32, BF16, F16):
+        g, seed = _gen(kern)
+        n, rows = 77, 100
+        mag = torch.exp2(_randint(-10, 10, (n, 4, 1), g).float()).expand(n, 4, 32).reshape(n, 128)
+        src = (_randn((n, 128), g) * mag).to(dtype)
+        slot = torch.randperm(rows, generator=g, device=kern.dev)[:n]
+        slot[3] = -1  # skipped
+        cache = torch.full((rows, 68), 0xAB, dtype=torch.uint8, device=kern.dev)
+        ext.index_key_write_68(cache, src, slot)
+        out = torch.full((n, 128), float("nan"), device=kern.dev)
+        ext.index_key_read_68(out, cache, slot)
+        kern.sync()
+        ref = quant.fake_quant_fp4(src.float())
+        ref[3] = 0.0  # a negative slot reads as zeros
+        msg = f"dtype={dtype} seed={seed}"
+        assert torch.isfinite(out).all(), msg
+        assert _mismatch_fraction(out, ref, rtol=0, atol=0) <= 1e-3, msg  # bit-exact but for log2 edge cases
+        written = slot[slot >= 0]
+        untouched = torch.ones(rows, dtype=torch.bool, device=kern.dev)
+        untouched[written] = False
+        assert (cache[untouched] == 0xAB).all(), msg
+
+
 def test_indexer_topk_exact_ties(kern):
-    """Integer-valued inputs: every score is exact in fp32, so the kernel must equal the reference
-    bit for bit, including the order among the many equal scores (lower index first)."""
+    """Integer-valued inputs: every score is exact in fp32 (and in the 16-bit tensor-core inputs,
+    and through the FP4 key format), so the kernel must equal the reference bit for bit, including
+    the order among the many equal scores (lower index first)."""
     ext, (ops, _) = kern.ext, _ref()
-    for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
+    for (B, S, Hi, Di, N, topk, ratio, bf16, dt, packing, pdt, sms, ws), tc in _indexer_runs():
         g, seed = _gen(kern)
         q = _randint(-2, 3, (B, S, Hi, Di), g).to(dt)
         w = _randint(-1, 3, (B, S, Hi), g).to(dt)
-        keys = _randint(-2, 3, (B, N, Di), g).to(dt)
+        keys_in, keys = _index_keys(ext, _randint(-2, 3, (B, N, Di), g).to(dt), packing)
         q_pos = _randint(-1, ratio * N + 8, (B, S), g)
         out = torch.full((B, S, topk), -7, dtype=torch.int64, device=kern.dev)
-        ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
+        ext.indexer_topk(out, q, w, keys_in, q_pos.to(pdt), ratio, topk, bf16, sms, ws, tc)
         kern.sync()
-        ref = ops.indexer_topk(q.float(), w.float(), keys.float(), q_pos, ratio=ratio, topk=topk, bf16_scores=bf16)
-        msg = f"case={(B, S, Hi, Di, N, topk, bf16, sms, ws)} seed={seed}"
+        ref = ops.indexer_topk(q.float(), w.float(), keys, q_pos, ratio=ratio, topk=topk, bf16_scores=bf16)
+        tc = ext.indexer_uses_tensor_cores(q, keys_in, tc)
+        msg = f"case={(B, S, Hi, Di, N, topk, bf16, packing, sms, ws)} tensor_cores={tc} seed={seed}"
         assert not (out == -7).any(), msg
         assert torch.equal(out, ref), msg
 
@@ -265,19 +316,21 @@ def test_indexer_topk_random(kern):
     """Random inputs: same selection as the reference up to fp32 reordering (as sets, within a
     score tolerance), rank order, -1 padding exactly where fewer than topk entries are visible."""
     ext = kern.ext
-    for B, S, Hi, Di, N, topk, ratio, bf16, dt, pdt, sms, ws in INDEXER_CASES:
+    for (B, S, Hi, Di, N, topk, ratio, bf16, dt, packing, pdt, sms, ws), tc in _indexer_runs():
         if bf16:
             continue
         g, seed = _gen(kern)
-        q, w, keys = _randn((B, S, Hi, Di), g, dt), _randn((B, S, Hi), g, dt), _randn((B, N, Di), g, dt)
+        q, w = _randn((B, S, Hi, Di), g, dt), _randn((B, S, Hi), g, dt)
+        keys_in, keys = _index_keys(ext, _randn((B, N, Di), g, dt), packing)
         q_pos = _randint(-1, ratio * N + 8, (B, S), g)
         out = torch.full((B, S, topk), -7, dtype=torch.int64, device=kern.dev)
-        ext.indexer_topk(out, q, w, keys, q_pos.to(pdt), ratio, topk, bf16, sms, ws)
+        ext.indexer_topk(out, q, w, keys_in, q_pos.to(pdt), ratio, topk, bf16, sms, ws, tc)
         kern.sync()
         scores = torch.einsum("bshd,bnd->bshn", q.double(), keys.double()).relu()
         scores = (scores * w.double().unsqueeze(-1)).sum(2)  # [B, S, N]
         vis = _visible(q_pos, ratio, N)
-        msg = f"case={(B, S, Hi, Di, N, topk, sms, ws)} seed={seed}"
+        tc = ext.indexer_uses_tensor_cores(q, keys_in, tc)
+        msg = f"case={(B, S, Hi, Di, N, topk, packing, sms, ws)} tensor_cores={tc} seed={seed}"
         for b in range(B):
             for s in range(S):
                 n = int(vis[b, s])

@@ -104,8 +104,9 @@ bool uses_tensor_cores(at::Tensor q, int64_t head_dim, bool tensor_cores)
 }
 
 // out[B, S, topk] int64 <- IndexerTopK
+// keys: float [B, N, Di] or uint8 [B, N, 68] (the packed FP4 index key, Di == 128).
 void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor keys, at::Tensor q_pos, int64_t ratio,
-    int64_t topk, bool bf16_scores, int64_t num_sms, int64_t workspace_bytes)
+    int64_t topk, bool bf16_scores, int64_t num_sms, int64_t workspace_bytes, bool tensor_cores)
 {
     for (auto* t : {&out, &q, &weights, &keys, &q_pos})
         check_cuda(*t, "indexer_topk input");
@@ -116,7 +117,9 @@ void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor k
     p.ratio = int32_t(ratio), p.topk = int32_t(topk), p.bf16_scores = bf16_scores;
     p.q = q.data_ptr(), p.q_dtype = fdtype(q);
     p.weights = weights.data_ptr(), p.weights_dtype = fdtype(weights);
-    p.keys = keys.data_ptr(), p.keys_dtype = fdtype(keys);
+    p.keys = keys.data_ptr();
+    p.keys_dtype = keys.scalar_type() == at::kByte ? hatrt::DType::kIndexKey68 : fdtype(keys);
+    p.tensor_cores = tensor_cores;
     p.q_pos = q_pos.data_ptr(), p.q_pos_type = idtype(q_pos);
     p.out = out.data_ptr<int64_t>();
     p.num_sms = int32_t(num_sms);
@@ -130,6 +133,52 @@ void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor k
     }
     char const* msg = hatrt::indexer_topk_check(p);
     finish("indexer_topk", msg, msg ? cudaSuccess : hatrt::indexer_topk(p, stream()));
+}
+
+bool indexer_uses_tensor_cores(at::Tensor q, at::Tensor keys, bool tensor_cores)
+{
+    hatrt::IndexerTopKParams p;
+    p.Di = int32_t(q.size(-1)), p.q_dtype = fdtype(q), p.tensor_cores = tensor_cores;
+    p.keys_dtype = keys.scalar_type() == at::kByte ? hatrt::DType::kIndexKey68 : fdtype(keys);
+    return hatrt::indexer_uses_tensor_cores(p);
+}
+
+// cache[rows, 68] (uint8, in place) <- FP4-quantized src[n, 128]; slot optional.
+void index_key_write_68(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> slot)
+{
+    check_cuda(cache, "cache");
+    check_cuda(src, "src");
+    HATRT_DEVICE_GUARD(src);
+    TORCH_CHECK(cache.scalar_type() == at::kByte && cache.size(-1) == 68, "cache must be uint8 [.., 68]");
+    TORCH_CHECK(src.size(-1) == 128, "src must be [..., 128]");
+    void const* sl = nullptr;
+    hatrt::IndexType st = hatrt::IndexType::kInt64;
+    if (slot.has_value())
+    {
+        check_cuda(*slot, "slot");
+        sl = slot->data_ptr(), st = idtype(*slot);
+    }
+    finish("index_key_write_68", nullptr,
+        hatrt::index_key_write_68(src.numel() / 128, src.data_ptr(), fdtype(src), sl, st, cache.data_ptr<uint8_t>(),
+            stream()));
+}
+
+// out[n, 128] float32 <- dequantized 68-byte keys (slot optional).
+void index_key_read_68(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slot)
+{
+    check_cuda(cache, "cache");
+    check_cuda(out, "out");
+    HATRT_DEVICE_GUARD(cache);
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 128, "out must be float32 [n, 128]");
+    void const* sl = nullptr;
+    hatrt::IndexType st = hatrt::IndexType::kInt64;
+    if (slot.has_value())
+    {
+        check_cuda(*slot, "slot");
+        sl = slot->data_ptr(), st = idtype(*slot);
+    }
+    finish("index_key_read_68", nullptr,
+        hatrt::index_key_read_68(out.numel() / 128, cache.data_ptr<uint8_t>(), sl, st, out.data_ptr<float>(), stream()));
 }
 
 // out[B, N, D] float32 (optional) and/or cache[rows, 584] (optional) <- GatedCompress /
@@ -230,7 +279,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
         py::arg("q"), py::arg("head_dim"), py::arg("tensor_cores") = true);
     m.def("indexer_topk", &indexer_topk, "IndexerTopK into out", py::arg("out"), py::arg("q"), py::arg("weights"),
         py::arg("keys"), py::arg("q_pos"), py::arg("ratio"), py::arg("topk"), py::arg("bf16_scores") = false,
-        py::arg("num_sms") = 0, py::arg("workspace_bytes") = -1);
+        py::arg("num_sms") = 0, py::arg("workspace_bytes") = -1, py::arg("tensor_cores") = true);
+    m.def("indexer_uses_tensor_cores", &indexer_uses_tensor_cores, "whether indexer_topk scores on tensor cores",
+        py::arg("q"), py::arg("keys"), py::arg("tensor_cores") = true);
+    m.def("index_key_write_68", &index_key_write_68, "quantize indexer keys into 68-byte FP4 entries",
+        py::arg("cache"), py::arg("src"), py::arg("slot") = py::none());
+    m.def("index_key_read_68", &index_key_read_68, "dequantize 68-byte FP4 index keys", py::arg("out"),
+        py::arg("cache"), py::arg("slot") = py::none());
     m.def("compress", &compress, "GatedCompress / OverlapGatedCompress", py::arg("out"), py::arg("kv"),
         py::arg("score"), py::arg("prev_kv"), py::arg("prev_score"), py::arg("norm_weight"), py::arg("cos"),
         py::arg("sin"), py::arg("eps"), py::arg("quant") = 0, py::arg("cache") = py::none(),

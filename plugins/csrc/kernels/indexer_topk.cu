@@ -5,9 +5,14 @@
 //   out[t]  = the top-k visible s in rank order: score descending, LOWER INDEX FIRST on equal
 //             scores (the documented tie rule), -1 padded to width topk.
 //
-// Scoring: a block stages 64 keys (transposed, fp32) and the row's queries in shared memory; each
-// thread accumulates 4 keys x 4 heads (fp32 FMA), applies ReLU and the head weight, and the 16
-// head groups are reduced through shared memory.
+// Scoring, two variants behind one launcher (tiles of 64 keys, 8 warps):
+// - tensor cores (q bf16/fp16 with keys of the same type, or the packed 68-byte MXFP4 keys of
+//   production; Di % 16 == 0; sm_80+): q and the key tile as 16-bit values in shared memory
+//   (exact: the inputs are already 16-bit, and e2m1 times a power of two is exact in bf16/fp16);
+//   warp w computes heads [16 (w % 4), +16) x keys [32 (w / 4), +32) with mma.sync m16n8k16, fp32
+//   accumulation, then ReLU, the head weight, and a sum over heads (shuffles, then 4 warps).
+// - CUDA cores (everything else, e.g. fp32 inputs): keys transposed to fp32, each thread
+//   accumulates 4 keys x 4 heads with fp32 FMAs, the 16 head groups reduced in shared memory.
 // Selection (block_topk): scores are mapped to order-preserving 32-bit keys (-0 -> +0 so equal
 // scores have equal keys), four 8-bit radix passes find the k-th largest key T and how many keys
 // equal to T are needed; the block then takes every key > T and the lowest-index keys == T (an
@@ -15,7 +20,7 @@
 // Paths: fused (one block per query: score into shared memory, select) when the visible scores fit
 // and there are enough rows to fill the GPU; otherwise a grid-wide scoring kernel writes scores to
 // the workspace and one block per row selects from there.
-#include "../common.cuh"
+#include "../mma.cuh"
 
 #include <cmath>
 
@@ -70,10 +75,33 @@ __device__ __forceinline__ uint32_t order_key(float f)
 }
 
 // ----------------------------------------------------------------------------- scoring
-//! Scoring smem: q^T [Di][Hp], w [Hp], keys^T [Di][kTileN + 4], partial sums [16][kTileN].
-size_t score_smem_floats(int Hp, int Di)
+enum ScoreMode : int
 {
-    return size_t(Di) * Hp + Hp + size_t(Di) * (kTileN + 4) + 16 * kTileN;
+    kCudaCores = 0,
+    kTensorBf16 = 1,
+    kTensorFp16 = 2,
+};
+
+//! Scoring shared memory, bytes. CUDA cores: q^T [Di][Hp], w [Hp], keys^T [Di][kTileN + 4],
+//! partial sums [16][kTileN] (fp32). Tensor cores: q [Hp][Di + 8] and keys [kTileN][Di + 8]
+//! (16-bit), w [Hp], partial sums [4][kTileN] (fp32).
+__host__ __device__ size_t score_smem_bytes(int mode, int Hp, int Di)
+{
+    if (mode == kCudaCores)
+        return sizeof(float) * (size_t(Di) * Hp + Hp + size_t(Di) * (kTileN + 4) + 16 * kTileN);
+    return sizeof(uint16_t) * (size_t(Hp) + kTileN) * (Di + 8) + sizeof(float) * (Hp + 4 * kTileN);
+}
+
+//! Element d of key row `key_row` (b * N + n) as fp32, for every key dtype.
+__device__ __forceinline__ float load_key(IxArgs const& a, int64_t key_row, int d)
+{
+    if (a.k_dtype == DType::kIndexKey68)
+    {
+        uint8_t const* e = static_cast<uint8_t const*>(a.keys) + key_row * index_key68::kBytes;
+        uint32_t const code = (uint32_t(__ldg(e + d / 2)) >> (4 * (d % 2))) & 0xFU;
+        return e2m1_value(code) * ue8m0_value(__ldg(e + index_key68::kScaleOffset + d / index_key68::kBlock));
+    }
+    return load_f(a.keys, a.k_dtype, key_row * a.Di + d);
 }
 
 __device__ void load_query(IxArgs const& a, int64_t row, float* sqt, float* sw)
@@ -101,7 +129,7 @@ __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t
         {
             int const j = i / a.Di, d = i - j * a.Di;
             int64_t const n = n0 + j;
-            skt[d * kp + j] = n < n_end ? load_f(a.keys, a.k_dtype, (b * a.N + n) * a.Di + d) : 0.F;
+            skt[d * kp + j] = n < n_end ? load_key(a, b * a.N + n, d) : 0.F;
         }
         __syncthreads();
         float part[4] = {0.F, 0.F, 0.F, 0.F};
@@ -154,6 +182,153 @@ __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t
         }
     }
     __syncthreads();
+}
+
+template <bool kHalf>
+__device__ __forceinline__ uint16_t to16(float v)
+{
+    if constexpr (kHalf)
+        return __half_as_ushort(__float2half_rn(v));
+    else
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+__device__ __forceinline__ uint32_t lds32(uint16_t const* p)
+{
+    return *reinterpret_cast<uint32_t const*>(p);
+}
+
+//! q [Hp][Di + 8] (16-bit) and w [Hp] (fp32) of row `row`; heads beyond Hi are zero.
+template <bool kHalf>
+__device__ void load_query16(IxArgs const& a, int64_t row, uint16_t* sq, float* sw)
+{
+    int const qp = a.Di + 8;
+    for (int i = threadIdx.x; i < a.Hp * a.Di; i += kThreads)
+    {
+        int const h = i / a.Di, d = i - h * a.Di;
+        sq[h * qp + d] = to16<kHalf>(h < a.Hi ? load_f(a.q, a.q_dtype, (row * a.Hi + h) * a.Di + d) : 0.F);
+    }
+    for (int h = threadIdx.x; h < a.Hp; h += kThreads)
+        sw[h] = h < a.Hi ? load_f(a.w, a.w_dtype, row * a.Hi + h) : 0.F;
+}
+
+//! Tensor-core scores of keys [n_begin, n_end) of row batch b -> dst[n].
+template <bool kHalf>
+__device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, uint16_t const* sq,
+    float const* sw, uint16_t* sk, float* sred, float* dst)
+{
+    int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    int const mt = warp % 4, kg = warp / 4; // head tile (16 heads of each 64), key group (32 keys)
+    int const qp = a.Di + 8;
+    int const chunks = a.Di / 8;
+    bool const packed = a.k_dtype == DType::kIndexKey68;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN)
+    {
+        __syncthreads();
+        for (int i = tid; i < kTileN * chunks; i += kThreads)
+        {
+            int const j = i / chunks, c = i - j * chunks;
+            int64_t const n = n0 + j;
+            float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
+            if (n < n_end)
+            {
+                if (packed)
+                    IndexKey68Loader{static_cast<uint8_t const*>(a.keys)}.load8(b * a.N + n, c * 8, v);
+                else if constexpr (kHalf)
+                    PlainLoader<__half>{static_cast<__half const*>(a.keys), a.Di}.load8(b * a.N + n, c * 8, v);
+                else
+                    PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(a.keys), a.Di}.load8(b * a.N + n, c * 8, v);
+            }
+            uint4 w;
+            w.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
+            w.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
+            w.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
+            w.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
+            *reinterpret_cast<uint4*>(sk + j * qp + c * 8) = w;
+        }
+        __syncthreads();
+        float part[4][2] = {{0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}}; // [n-tile][key 2t, 2t + 1]
+        for (int hb = 0; hb < a.Hp; hb += kHeadBlock)
+        {
+            int const h = hb + 16 * mt;
+            float acc[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.F;
+            for (int k0 = 0; k0 < a.Di; k0 += 16)
+            {
+                uint32_t const af[4] = {lds32(sq + (h + g) * qp + k0 + 2 * t), lds32(sq + (h + g + 8) * qp + k0 + 2 * t),
+                    lds32(sq + (h + g) * qp + k0 + 2 * t + 8), lds32(sq + (h + g + 8) * qp + k0 + 2 * t + 8)};
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                {
+                    uint16_t const* kr = sk + (kg * 32 + j * 8 + g) * qp + k0 + 2 * t;
+                    uint32_t const bf[2] = {lds32(kr), lds32(kr + 8)};
+                    mma_16816<kHalf>(acc[j], af, bf);
+                }
+            }
+            // acc[j]: [0] head h+g key 2t, [1] head h+g key 2t+1, [2] head h+g+8 key 2t, [3] head h+g+8 key 2t+1
+            float const w0 = sw[h + g], w1 = sw[h + g + 8];
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+            {
+                part[j][0] += w0 * fmaxf(acc[j][0], 0.F) + w1 * fmaxf(acc[j][2], 0.F);
+                part[j][1] += w0 * fmaxf(acc[j][1], 0.F) + w1 * fmaxf(acc[j][3], 0.F);
+            }
+        }
+        // sum over the 8 head rows of the tile (lanes with equal t), then over the 4 head tiles
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1)
+                    part[j][e] += __shfl_xor_sync(0xFFFFFFFFu, part[j][e], off);
+        if (g == 0)
+        {
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+            {
+                sred[mt * kTileN + kg * 32 + j * 8 + 2 * t] = part[j][0];
+                sred[mt * kTileN + kg * 32 + j * 8 + 2 * t + 1] = part[j][1];
+            }
+        }
+        __syncthreads();
+        if (tid < kTileN && n0 + tid < n_end)
+        {
+            float s = (sred[tid] + sred[kTileN + tid]) + (sred[2 * kTileN + tid] + sred[3 * kTileN + tid]);
+            if (a.bf16)
+                s = __bfloat162float(__float2bfloat16_rn(s));
+            dst[n0 + tid] = s;
+        }
+    }
+    __syncthreads();
+}
+
+//! Load row `row`'s query into shared memory and score its keys [n_begin, n_end) -> dst.
+template <int kMode>
+__device__ void score_row(IxArgs const& a, int64_t row, int64_t n_begin, int64_t n_end, unsigned char* smem, float* dst)
+{
+    int64_t const b = row / a.S;
+    if constexpr (kMode == kCudaCores)
+    {
+        float* sqt = reinterpret_cast<float*>(smem);
+        float* sw = sqt + size_t(a.Di) * a.Hp;
+        float* skt = sw + a.Hp;
+        float* sred = skt + size_t(a.Di) * (kTileN + 4);
+        load_query(a, row, sqt, sw);
+        score_range(a, b, n_begin, n_end, sqt, sw, skt, sred, dst);
+    }
+    else
+    {
+        constexpr bool kHalf = kMode == kTensorFp16;
+        uint16_t* sq = reinterpret_cast<uint16_t*>(smem);
+        uint16_t* sk = sq + size_t(a.Hp) * (a.Di + 8);
+        float* sw = reinterpret_cast<float*>(sk + size_t(kTileN) * (a.Di + 8));
+        float* sred = sw + a.Hp;
+        load_query16<kHalf>(a, row, sq, sw);
+        score_range_tc<kHalf>(a, b, n_begin, n_end, sq, sw, sk, sred, dst);
+    }
 }
 
 // ----------------------------------------------------------------------------- selection
@@ -323,45 +498,33 @@ __device__ void block_topk(float const* scores, int64_t n, int k, int64_t* out, 
 // ----------------------------------------------------------------------------- kernels
 //! One block per query row: score every visible key, then select. Scores live in shared memory
 //! (kSmemScores) or in the row's workspace slot.
-template <bool kSmemScores>
+template <bool kSmemScores, int kMode>
 __global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
 {
     HATRT_DYNAMIC_SMEM(float4, smem4);
-    float* smem = reinterpret_cast<float*>(smem4);
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem4);
     __shared__ SelectSmem sel;
     int64_t const row = a.row0 + blockIdx.x;
-    int64_t const b = row / a.S;
     int64_t const n = visible_count(a, row);
-    float* sqt = smem;
-    float* sw = sqt + size_t(a.Di) * a.Hp;
-    float* skt = sw + a.Hp;
-    float* sred = skt + size_t(a.Di) * (kTileN + 4);
-    float* scores = kSmemScores ? sred + 16 * kTileN : a.ws + size_t(blockIdx.x) * a.N;
+    float* scores = kSmemScores ? reinterpret_cast<float*>(smem + score_smem_bytes(kMode, a.Hp, a.Di))
+                                : a.ws + size_t(blockIdx.x) * a.N;
     if (n > 0)
-    {
-        load_query(a, row, sqt, sw);
-        score_range(a, b, 0, n, sqt, sw, skt, sred, scores);
-    }
+        score_row<kMode>(a, row, 0, n, smem, scores);
     block_topk(scores, n, a.topk, a.out + row * a.topk, sel);
 }
 
 //! Grid-wide scoring for few, long rows: block (chunk, row) scores keys [chunk * n_chunk, ...).
+template <int kMode>
 __global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
 {
     HATRT_DYNAMIC_SMEM(float4, smem4);
-    float* smem = reinterpret_cast<float*>(smem4);
     int64_t const row = a.row0 + blockIdx.y;
     int64_t const n = visible_count(a, row);
     int64_t const begin = int64_t(blockIdx.x) * a.n_chunk;
     if (begin >= n)
         return;
     int64_t const end = begin + a.n_chunk < n ? begin + a.n_chunk : n;
-    float* sqt = smem;
-    float* sw = sqt + size_t(a.Di) * a.Hp;
-    float* skt = sw + a.Hp;
-    float* sred = skt + size_t(a.Di) * (kTileN + 4);
-    load_query(a, row, sqt, sw);
-    score_range(a, row / a.S, begin, end, sqt, sw, skt, sred, a.ws + size_t(blockIdx.y) * a.N);
+    score_row<kMode>(a, row, begin, end, reinterpret_cast<unsigned char*>(smem4), a.ws + size_t(blockIdx.y) * a.N);
 }
 
 __global__ void __launch_bounds__(kThreads) indexer_select_kernel(IxArgs a)
@@ -389,17 +552,127 @@ char const* indexer_topk_check(IndexerTopKParams const& p)
         return "indexer_topk: topk must be in [1, 4096]";
     if (p.N > 0xFFFFFFFFLL)
         return "indexer_topk: more than 2^32 - 1 entries";
-    if (!is_float_dtype(p.q_dtype) || !is_float_dtype(p.weights_dtype) || !is_float_dtype(p.keys_dtype))
-        return "indexer_topk: q, weights and keys must be float32, float16 or bfloat16";
+    if (!is_float_dtype(p.q_dtype) || !is_float_dtype(p.weights_dtype))
+        return "indexer_topk: q and weights must be float32, float16 or bfloat16";
+    if (!is_float_dtype(p.keys_dtype) && p.keys_dtype != DType::kIndexKey68)
+        return "indexer_topk: keys must be float32, float16, bfloat16 or the 68-byte FP4 index key";
+    if (p.keys_dtype == DType::kIndexKey68 && p.Di != index_key68::kDim)
+        return "indexer_topk: the 68-byte FP4 index key needs Di == 128";
     if (p.B * p.S > 0x7FFFFFFFLL)
         return "indexer_topk: B * S exceeds 2^31 - 1";
     if (p.B * p.S == 0)
         return nullptr;
     if (!p.q || !p.weights || !p.q_pos || !p.out || (p.N > 0 && !p.keys))
         return "indexer_topk: null input or output pointer";
+    if (p.keys_dtype == DType::kIndexKey68 && p.keys && !aligned(p.keys, 4))
+        return "indexer_topk: 68-byte index keys must be 4-byte aligned";
     if (p.workspace && !aligned(p.workspace, 16))
         return "indexer_topk: workspace must be 16-byte aligned";
     return nullptr;
+}
+
+namespace
+{
+int score_mode(IndexerTopKParams const& p)
+{
+    using namespace detail;
+    bool const q16 = p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16;
+    bool const same = p.keys_dtype == p.q_dtype && (!p.keys || aligned(p.keys, 16));
+    if (!p.tensor_cores || !q16 || p.Di % 16 != 0 || !(same || p.keys_dtype == DType::kIndexKey68)
+        || device_cc_major() < 8)
+        return kCudaCores;
+    return p.q_dtype == DType::kFloat16 ? kTensorFp16 : kTensorBf16;
+}
+
+template <int kMode>
+cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStream_t stream)
+{
+    using namespace detail;
+    int64_t const rows = p.B * p.S;
+    int const sms = device_num_sms(p.num_sms);
+    int const optin = device_smem_optin();
+    size_t const score_smem = score_smem_bytes(kMode, a.Hp, a.Di);
+    size_t const select_smem = sizeof(SelectSmem);
+    size_t const fused_smem = score_smem + size_t(p.N) * sizeof(float);
+    size_t const row_bytes = size_t(p.N) * sizeof(float);
+    int64_t const ws_rows = (p.workspace && row_bytes > 0) ? int64_t(p.workspace_bytes / row_bytes) : 0;
+
+    // 1) fused, scores in shared memory: enough rows to fill the GPU (or no workspace to split)
+    if (fused_smem + select_smem <= size_t(optin) && (rows >= sms || ws_rows == 0))
+    {
+        auto kernel = indexer_fused_kernel<true, kMode>;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
+        if (err != cudaSuccess)
+            return err;
+        a.row0 = 0;
+        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, fused_smem, stream)(a);
+        return cudaGetLastError();
+    }
+    if (p.N == 0)
+    {
+        // nothing visible anywhere: the fused kernel only pads (scores never read)
+        auto kernel = indexer_fused_kernel<false, kMode>;
+        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+        if (err != cudaSuccess)
+            return err;
+        a.row0 = 0;
+        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, score_smem, stream)(a);
+        return cudaGetLastError();
+    }
+    if (ws_rows == 0)
+        return cudaErrorInvalidValue; // scores do not fit in shared memory and no workspace was given
+    if (score_smem + select_smem > size_t(optin))
+        return cudaErrorInvalidValue;
+
+    a.ws = static_cast<float*>(p.workspace);
+    cudaError_t err = cudaSuccess;
+    if (rows >= sms)
+    {
+        // 2) fused, scores in the workspace (long rows, many of them)
+        auto kernel = indexer_fused_kernel<false, kMode>;
+        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+        if (err != cudaSuccess)
+            return err;
+        for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
+        {
+            a.row0 = r0;
+            int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
+            HATRT_LAUNCH(kernel, unsigned(nr), kThreads, score_smem, stream)(a);
+            if ((err = cudaGetLastError()) != cudaSuccess)
+                return err;
+        }
+        return cudaSuccess;
+    }
+    // 3) few rows: score over the whole GPU, then one selecting block per row
+    auto score = indexer_score_kernel<kMode>;
+    err = cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
+    if (err != cudaSuccess)
+        return err;
+    for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
+    {
+        a.row0 = r0;
+        int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
+        int64_t chunks = (4 * int64_t(sms) + nr - 1) / nr;
+        int64_t const max_chunks = (p.N + kTileN - 1) / kTileN;
+        chunks = chunks < max_chunks ? chunks : max_chunks;
+        int64_t n_chunk = (p.N + chunks - 1) / chunks;
+        n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
+        a.n_chunk = int32_t(n_chunk);
+        dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
+        HATRT_LAUNCH(score, grid, kThreads, score_smem, stream)(a);
+        if ((err = cudaGetLastError()) != cudaSuccess)
+            return err;
+        HATRT_LAUNCH(indexer_select_kernel, unsigned(nr), kThreads, 0, stream)(a);
+        if ((err = cudaGetLastError()) != cudaSuccess)
+            return err;
+    }
+    return cudaSuccess;
+}
+} // namespace
+
+bool indexer_uses_tensor_cores(IndexerTopKParams const& p)
+{
+    return score_mode(p) != detail::kCudaCores;
 }
 
 size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap)
@@ -428,84 +701,12 @@ cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream)
     a.q = p.q, a.q_dtype = p.q_dtype, a.w = p.weights, a.w_dtype = p.weights_dtype;
     a.keys = p.keys, a.k_dtype = p.keys_dtype, a.q_pos = p.q_pos, a.q_pos_type = p.q_pos_type;
     a.out = p.out;
-
-    int const sms = device_num_sms(p.num_sms);
-    int const optin = device_smem_optin();
-    size_t const score_smem = score_smem_floats(a.Hp, a.Di) * sizeof(float);
-    size_t const select_smem = sizeof(SelectSmem);
-    size_t const fused_smem = score_smem + size_t(p.N) * sizeof(float);
-    size_t const row_bytes = size_t(p.N) * sizeof(float);
-    int64_t const ws_rows = (p.workspace && row_bytes > 0) ? int64_t(p.workspace_bytes / row_bytes) : 0;
-
-    // 1) fused, scores in shared memory: enough rows to fill the GPU (or no workspace to split)
-    if (fused_smem + select_smem <= size_t(optin) && (rows >= sms || ws_rows == 0))
+    switch (score_mode(p))
     {
-        auto kernel = indexer_fused_kernel<true>;
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fused_smem));
-        if (err != cudaSuccess)
-            return err;
-        a.row0 = 0;
-        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, fused_smem, stream)(a);
-        return cudaGetLastError();
+    case kTensorBf16: return launch_indexer<kTensorBf16>(a, p, stream);
+    case kTensorFp16: return launch_indexer<kTensorFp16>(a, p, stream);
+    default: return launch_indexer<kCudaCores>(a, p, stream);
     }
-    if (p.N == 0)
-    {
-        // nothing visible anywhere: the fused kernel only pads (scores never read)
-        auto kernel = indexer_fused_kernel<false>;
-        cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
-        if (err != cudaSuccess)
-            return err;
-        a.row0 = 0;
-        HATRT_LAUNCH(kernel, unsigned(rows), kThreads, score_smem, stream)(a);
-        return cudaGetLastError();
-    }
-    if (ws_rows == 0)
-        return cudaErrorInvalidValue; // scores do not fit in shared memory and no workspace was given
-    if (score_smem + select_smem > size_t(optin))
-        return cudaErrorInvalidValue;
-
-    a.ws = static_cast<float*>(p.workspace);
-    cudaError_t err = cudaSuccess;
-    if (rows >= sms)
-    {
-        // 2) fused, scores in the workspace (long rows, many of them)
-        auto kernel = indexer_fused_kernel<false>;
-        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
-        if (err != cudaSuccess)
-            return err;
-        for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
-        {
-            a.row0 = r0;
-            int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
-            HATRT_LAUNCH(kernel, unsigned(nr), kThreads, score_smem, stream)(a);
-            if ((err = cudaGetLastError()) != cudaSuccess)
-                return err;
-        }
-        return cudaSuccess;
-    }
-    // 3) few rows: score over the whole GPU, then one selecting block per row
-    err = cudaFuncSetAttribute(indexer_score_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(score_smem));
-    if (err != cudaSuccess)
-        return err;
-    for (int64_t r0 = 0; r0 < rows; r0 += ws_rows)
-    {
-        a.row0 = r0;
-        int64_t const nr = rows - r0 < ws_rows ? rows - r0 : ws_rows;
-        int64_t chunks = (4 * int64_t(sms) + nr - 1) / nr;
-        int64_t const max_chunks = (p.N + kTileN - 1) / kTileN;
-        chunks = chunks < max_chunks ? chunks : max_chunks;
-        int64_t n_chunk = (p.N + chunks - 1) / chunks;
-        n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
-        a.n_chunk = int32_t(n_chunk);
-        dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
-        HATRT_LAUNCH(indexer_score_kernel, grid, kThreads, score_smem, stream)(a);
-        if ((err = cudaGetLastError()) != cudaSuccess)
-            return err;
-        HATRT_LAUNCH(indexer_select_kernel, unsigned(nr), kThreads, 0, stream)(a);
-        if ((err = cudaGetLastError()) != cudaSuccess)
-            return err;
-    }
-    return cudaSuccess;
 }
 
 } // namespace hatrt

@@ -7,6 +7,11 @@
 // a block is exporter.quant.pow2_scale(amax, 448), so the dequantized entry equals fake_quant_fp8.
 // One warp per vector; lane l owns dims [16 l, 16 l + 16): lanes 0..27 the FP8 part (4 lanes per
 // scale block), lanes 28..31 the bf16 part.
+//
+// The production indexer key (attention-spec section 7), 68 bytes: 128 FP4 e2m1 values, two per
+// byte (value 2i in the low nibble of byte i), then 4 ue8m0 scales, one per 32 values; the scale is
+// pow2_scale(amax, 6), so the dequantized key equals fake_quant_fp4. One warp per key; lane l owns
+// values [4 l, 4 l + 4) (8 lanes per scale block).
 #include "../common.cuh"
 
 namespace hatrt
@@ -99,8 +104,84 @@ __global__ void __launch_bounds__(kThreads) kv_read_584_kernel(
     }
 }
 
+__global__ void __launch_bounds__(kThreads) index_key_write_68_kernel(
+    int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type, uint8_t* cache)
+{
+    int const lane = threadIdx.x % 32;
+    int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (v >= n)
+        return;
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
+    float x[4];
+    float amax = 0.F;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+    {
+        x[i] = load_f(src, src_dtype, v * index_key68::kDim + lane * 4 + i);
+        amax = fmaxf(amax, fabsf(x[i]));
+    }
+    // the 8 lanes of a scale block (the shuffles run on every lane: a skipped row exits after)
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 4));
+    if (row < 0)
+        return;
+    float const scale = pow2_scale(amax, kFp4Max);
+    uint32_t codes = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        codes |= e2m1_code(round_e2m1(fminf(fmaxf(x[i] / scale, -kFp4Max), kFp4Max))) << (4 * i);
+    uint8_t* dst = cache + row * index_key68::kBytes;
+    *reinterpret_cast<uint16_t*>(dst + lane * 2) = static_cast<uint16_t>(codes);
+    if (lane % 8 == 0)
+        dst[index_key68::kScaleOffset + lane / 8] = ue8m0_of(scale);
+}
+
+__global__ void __launch_bounds__(kThreads) index_key_read_68_kernel(
+    int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out)
+{
+    int const lane = threadIdx.x % 32;
+    int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (v >= n || lane >= index_key68::kDim / 8)
+        return;
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
+    float x[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
+    if (row >= 0)
+        IndexKey68Loader{cache}.load8(row, lane * 8, x);
+    float4* o = reinterpret_cast<float4*>(out + v * index_key68::kDim + lane * 8);
+    o[0] = make_float4(x[0], x[1], x[2], x[3]);
+    o[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+
 } // namespace
 } // namespace detail
+
+cudaError_t index_key_write_68(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
+    uint8_t* cache, cudaStream_t stream)
+{
+    using namespace detail;
+    if (n < 0 || !is_float_dtype(src_dtype) || (n > 0 && (!src || !cache || !aligned(cache, 4)))
+        || (n + kWarps - 1) / kWarps > 0x7FFFFFFFLL)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    HATRT_LAUNCH(index_key_write_68_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
+        n, src, src_dtype, slot, slot_type, cache);
+    return cudaGetLastError();
+}
+
+cudaError_t index_key_read_68(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream)
+{
+    using namespace detail;
+    if (n < 0 || (n > 0 && (!cache || !out || !aligned(cache, 4) || !aligned(out, 16))))
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    HATRT_LAUNCH(index_key_read_68_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
+        n, cache, slot, slot_type, out);
+    return cudaGetLastError();
+}
 
 char const* kv_write_584_check(KvWriteParams const& p)
 {

@@ -616,6 +616,8 @@ char const* sparse_attention_check(SparseAttentionParams const& p)
         return "sparse_attention: q must be float32, float16 or bfloat16";
     if (!is_float_dtype(p.sink_dtype))
         return "sparse_attention: sink must be float32, float16 or bfloat16";
+    if (!is_float_dtype(p.kv_dtype) && p.kv_dtype != DType::kEntry584)
+        return "sparse_attention: window_kv / entries must be float32, float16, bfloat16 or the 584-byte FP8 entry";
     if (p.kv_dtype == DType::kEntry584 && p.D != entry584::kDim)
         return "sparse_attention: the 584-byte FP8 KV layout needs D == 512";
     if (p.B * p.S > 0x7FFFFFFFLL)
@@ -700,6 +702,7 @@ cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream
     case DType::kEntry584:
         return launch(a, Entry584Loader{static_cast<uint8_t const*>(p.window_kv)},
             Entry584Loader{static_cast<uint8_t const*>(p.entries)}, tc, half, stream);
+    case DType::kIndexKey68: break; // refused by sparse_attention_check
     }
     return cudaErrorInvalidValue;
 }

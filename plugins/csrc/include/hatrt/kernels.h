@@ -35,6 +35,9 @@ enum class DType : int32_t
     //! Production KV entry: uint8 [..., 584] = 448 e4m3 + 64 bf16 + 7 ue8m0 scales + 1 pad byte.
     //! Only for the KV inputs of sparse_attention (window_kv, entries), with D == 512.
     kEntry584 = 3,
+    //! Production indexer key: uint8 [..., 68] = 128 FP4 e2m1 values (MXFP4: 64 bytes, two per
+    //! byte) + 4 ue8m0 scales (one per 32 values). Only for the keys of indexer_topk, Di == 128.
+    kIndexKey68 = 4,
 };
 
 enum class IndexType : int32_t
@@ -56,6 +59,16 @@ constexpr int kScaleOffset = 448 + 2 * 64;       //!< byte offset of the ue8m0 s
 constexpr int kPadOffset = kScaleOffset + 7;     //!< 583, written as 0
 constexpr int kBytes = 584;
 } // namespace entry584
+
+// ----------------------------------------------------------------------------- the 68-byte index key
+namespace index_key68
+{
+constexpr int kDim = 128;       //!< Di: values per key
+constexpr int kBlock = 32;      //!< FP4 scale block
+constexpr int kNumScales = 4;   //!< kDim / kBlock
+constexpr int kScaleOffset = 64; //!< byte offset of the ue8m0 scales; value 2i is the low nibble of byte i
+constexpr int kBytes = 68;
+} // namespace index_key68
 
 // ----------------------------------------------------------------------------- sparse attention
 //! HybridSparseAttention: one softmax over the sliding window and the selected compressed entries,
@@ -123,7 +136,7 @@ struct IndexerTopKParams
     DType q_dtype = DType::kFloat32;
     void const* weights = nullptr; //!< [B, S, Hi]
     DType weights_dtype = DType::kFloat32;
-    void const* keys = nullptr;    //!< [B, N, Di]
+    void const* keys = nullptr;    //!< [B, N, Di] (or [B, N, 68] bytes: kIndexKey68, Di == 128)
     DType keys_dtype = DType::kFloat32;
     void const* q_pos = nullptr;   //!< [B, S]
     IndexType q_pos_type = IndexType::kInt64;
@@ -135,9 +148,15 @@ struct IndexerTopKParams
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
     int32_t num_sms = 0;
+
+    //! Score on tensor cores where it is exact (q bf16/fp16 with keys of the same type or packed
+    //! FP4, Di % 16 == 0, sm_80+): 16-bit products, fp32 accumulation. false: fp32 CUDA cores.
+    bool tensor_cores = true;
 };
 
 char const* indexer_topk_check(IndexerTopKParams const& p);
+//! Whether indexer_topk() scores these parameters on tensor cores.
+bool indexer_uses_tensor_cores(IndexerTopKParams const& p);
 //! Scratch for the fastest path at these sizes (capped at `cap` bytes; >= N * 4 when N > 0).
 size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap = size_t(256) << 20);
 cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream);
@@ -205,6 +224,16 @@ cudaError_t kv_write_584(KvWriteParams const& p, cudaStream_t stream);
 
 //! Dequantize n entries (rows slot[i], or i when slot is null) into float32 [n, 512].
 cudaError_t kv_read_584(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream);
+
+//! Quantize n indexer keys of 128 values into 68-byte entries: FP4 e2m1 in blocks of 32 with a
+//! power-of-two scale 2^ceil(log2(max(amax, 1e-4) / 6)) (ue8m0 byte = exponent + 127), ties to
+//! even. The dequantized key equals exporter.quant.fake_quant_fp4 of the input (the input is
+//! expected to be Hadamard-rotated already, as the compressor's quant == 2 output is).
+cudaError_t index_key_write_68(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
+    uint8_t* cache, cudaStream_t stream);
+//! Dequantize n 68-byte keys (rows slot[i], or i when slot is null) into float32 [n, 128].
+cudaError_t index_key_read_68(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
     cudaStream_t stream);
 
 } // namespace hatrt
