@@ -312,6 +312,25 @@ def test_indexer_topk_exact_ties(kern):
         assert torch.equal(out, ref), msg
 
 
+def test_indexer_topk_all_equal(kern):
+    """Every score equal: the top-k is the k lowest visible indices, both when the threshold bin
+    fits the split selection's candidate list (3000 keys) and when it overflows it (6000 keys,
+    the fallback to one block per row)."""
+    ext = kern.ext
+    for N, tc in ((3000, True), (6000, True), (6000, False)):
+        g, seed = _gen(kern)
+        B, S, Hi, Di, topk = 1, 2, 64, 128, 32
+        q = _randn((B, S, Hi, Di), g, BF16)
+        w = _randn((B, S, Hi), g, BF16)
+        keys = torch.zeros((B, N, Di), dtype=BF16, device=kern.dev)
+        q_pos = torch.tensor([[4 * N - 1, 4 * 1000 - 1]], device=kern.dev)
+        out = torch.full((B, S, topk), -7, dtype=torch.int64, device=kern.dev)
+        ext.indexer_topk(out, q, w, keys, q_pos, 4, topk, False, 100000, -1, tc)
+        kern.sync()
+        expect = torch.arange(topk, device=kern.dev).expand(B, S, topk)
+        assert torch.equal(out, expect), f"N={N} tensor_cores={tc} seed={seed}"
+
+
 def test_indexer_topk_random(kern):
     """Random inputs: same selection as the reference up to fp32 reordering (as sets, within a
     score tolerance), rank order, -1 padding exactly where fewer than topk entries are visible."""

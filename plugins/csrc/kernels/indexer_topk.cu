@@ -37,6 +37,8 @@ constexpr int kHeadBlock = 64; // heads per pass (16 groups x 4)
 constexpr int kMaxHeads = 128;
 constexpr int kMaxDi = 256;
 constexpr int kMaxTopK = 4096;
+constexpr int kBins = 4096;     // split selection: histogram of the top 12 bits of the order key
+constexpr int kBinShift = 20;
 
 struct IxArgs
 {
@@ -52,7 +54,10 @@ struct IxArgs
     void const* q_pos;
     IndexType q_pos_type;
     int64_t* out;
-    float* ws;        // scores scratch [rows_in_batch, N]
+    float* ws;        // scores scratch [rows_in_batch][ws_stride]
+    int64_t ws_stride; // floats per scores row (>= N, 16-byte multiple)
+    unsigned* hist;   // split selection: [rows_in_batch][kBins + 1] (bins, candidate count)
+    unsigned long long* cand; // split selection: [rows_in_batch][kMaxTopK] (~key << 32 | index)
     int64_t row0;     // first row of this batch (score scratch row = row - row0)
     int32_t n_chunk;  // split scoring: keys per block
 };
@@ -342,6 +347,39 @@ struct SelectSmem
     int need;
 };
 
+//! Bitonic sort (ascending) of sm.pairs[0, cnt), padded to a power of two with the largest value.
+__device__ void sort_pairs(SelectSmem& sm, int cnt)
+{
+    int const tid = threadIdx.x;
+    int size = 1;
+    while (size < cnt)
+        size <<= 1;
+    for (int i = cnt + tid; i < size; i += kThreads)
+        sm.pairs[i] = ~0ULL;
+    __syncthreads();
+    for (int len = 2; len <= size; len <<= 1)
+    {
+        for (int stride = len >> 1; stride > 0; stride >>= 1)
+        {
+            for (int i = tid; i < size; i += kThreads)
+            {
+                int const j = i ^ stride;
+                if (j > i)
+                {
+                    unsigned long long const x = sm.pairs[i], y = sm.pairs[j];
+                    bool const up = (i & len) == 0;
+                    if ((x > y) == up)
+                    {
+                        sm.pairs[i] = y;
+                        sm.pairs[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+}
+
 //! Top-k of scores[0, n) in rank order -> out[0, k), -1 padded. Whole block; scores may live in
 //! shared or global memory.
 __device__ void block_topk(float const* scores, int64_t n, int k, int64_t* out, SelectSmem& sm)
@@ -462,35 +500,8 @@ __device__ void block_topk(float const* scores, int64_t n, int k, int64_t* out, 
         __syncthreads();
     }
 
-    // bitonic sort of the selected pairs (padded to a power of two with the largest value)
+    sort_pairs(sm, sm.count);
     int const cnt = sm.count;
-    int size = 1;
-    while (size < cnt)
-        size <<= 1;
-    for (int i = cnt + tid; i < size; i += kThreads)
-        sm.pairs[i] = ~0ULL;
-    __syncthreads();
-    for (int len = 2; len <= size; len <<= 1)
-    {
-        for (int stride = len >> 1; stride > 0; stride >>= 1)
-        {
-            for (int i = tid; i < size; i += kThreads)
-            {
-                int const j = i ^ stride;
-                if (j > i)
-                {
-                    unsigned long long const x = sm.pairs[i], y = sm.pairs[j];
-                    bool const up = (i & len) == 0;
-                    if ((x > y) == up)
-                    {
-                        sm.pairs[i] = y;
-                        sm.pairs[j] = x;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
     for (int i = tid; i < k; i += kThreads)
         out[i] = i < cnt ? int64_t(static_cast<uint32_t>(sm.pairs[i] & 0xFFFFFFFFu)) : int64_t(-1);
 }
@@ -507,7 +518,7 @@ __global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
     int64_t const row = a.row0 + blockIdx.x;
     int64_t const n = visible_count(a, row);
     float* scores = kSmemScores ? reinterpret_cast<float*>(smem + score_smem_bytes(kMode, a.Hp, a.Di))
-                                : a.ws + size_t(blockIdx.x) * a.N;
+                                : a.ws + size_t(blockIdx.x) * a.ws_stride;
     if (n > 0)
         score_row<kMode>(a, row, 0, n, smem, scores);
     block_topk(scores, n, a.topk, a.out + row * a.topk, sel);
@@ -524,14 +535,153 @@ __global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
     if (begin >= n)
         return;
     int64_t const end = begin + a.n_chunk < n ? begin + a.n_chunk : n;
-    score_row<kMode>(a, row, begin, end, reinterpret_cast<unsigned char*>(smem4), a.ws + size_t(blockIdx.y) * a.N);
+    score_row<kMode>(a, row, begin, end, reinterpret_cast<unsigned char*>(smem4), a.ws + size_t(blockIdx.y) * a.ws_stride);
 }
 
-__global__ void __launch_bounds__(kThreads) indexer_select_kernel(IxArgs a)
+// Split selection for few, long rows (after indexer_score_kernel), so that no single block reads
+// a whole row four times: (1) every chunk block adds its keys' top 12 bits to the row's histogram;
+// (2) every chunk block finds the row's threshold bin from it (the highest bin b with at least k
+// keys in bins >= b) and appends its keys in bins >= b to the row's candidates, as unique
+// (~key << 32 | index) pairs; (3) one block per row sorts those candidates: ascending pairs are
+// the rank order with the lower index first among equal scores, the same tie rule. A row whose
+// candidates would exceed kMaxTopK (a crowded threshold bin) falls back to block_topk over its
+// scores, as do rows with at most k visible keys.
+__device__ __forceinline__ bool chunk_range(IxArgs const& a, int64_t row, int64_t& begin, int64_t& end, int64_t& n)
+{
+    n = visible_count(a, row);
+    begin = int64_t(blockIdx.x) * a.n_chunk;
+    end = begin + a.n_chunk < n ? begin + a.n_chunk : n;
+    return begin < n && n > a.topk;
+}
+
+__global__ void __launch_bounds__(kThreads) indexer_hist_kernel(IxArgs a)
+{
+    __shared__ unsigned hist[kBins];
+    int64_t begin, end, n;
+    if (!chunk_range(a, a.row0 + blockIdx.y, begin, end, n))
+        return;
+    for (int i = threadIdx.x; i < kBins; i += kThreads)
+        hist[i] = 0;
+    __syncthreads();
+    float const* sc = a.ws + size_t(blockIdx.y) * a.ws_stride;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
+        atomicAdd(&hist[order_key(sc[i]) >> kBinShift], 1U);
+    __syncthreads();
+    unsigned* gh = a.hist + size_t(blockIdx.y) * (kBins + 1);
+    for (int i = threadIdx.x; i < kBins; i += kThreads)
+        if (hist[i] != 0)
+            atomicAdd(&gh[i], hist[i]);
+}
+
+//! The row's threshold bin and how many keys lie in bins >= it (warp 0; 32 lanes x 128 bins).
+__device__ void threshold_bin(unsigned const* gh, int k, int& bin, int& total)
+{
+    int const lane = threadIdx.x % 32;
+    constexpr int kPer = kBins / 32;
+    int const top = kBins - 1 - lane * kPer; // lane l owns bins top, top - 1, ..., top - kPer + 1
+    int c = 0;
+    for (int j = 0; j < kPer; ++j)
+        c += int(gh[top - j]);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1)
+    {
+        int const v = __shfl_up_sync(0xFFFFFFFFu, incl, o);
+        if (lane >= o)
+            incl += v;
+    }
+    int const excl = incl - c;
+    if (excl < k && k <= incl)
+    {
+        int run = excl;
+        for (int j = 0; j < kPer; ++j)
+        {
+            run += int(gh[top - j]);
+            if (run >= k)
+            {
+                bin = top - j;
+                total = run;
+                break;
+            }
+        }
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) indexer_filter_kernel(IxArgs a)
+{
+    __shared__ int s_bin, s_total, s_base;
+    __shared__ int warp_cnt[kThreads / 32];
+    int64_t begin, end, n;
+    if (!chunk_range(a, a.row0 + blockIdx.y, begin, end, n))
+        return;
+    int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    unsigned* gh = a.hist + size_t(blockIdx.y) * (kBins + 1);
+    if (warp == 0)
+    {
+        int bin = 0, total = 0;
+        threshold_bin(gh, a.topk, bin, total);
+        if (total > 0) // the one lane that found it
+        {
+            s_bin = bin;
+            s_total = total;
+        }
+    }
+    __syncthreads();
+    if (s_total > kMaxTopK)
+        return; // crowded threshold bin: the final kernel selects from all scores
+    uint32_t const bin = uint32_t(s_bin);
+    float const* sc = a.ws + size_t(blockIdx.y) * a.ws_stride;
+    unsigned long long* cand = a.cand + size_t(blockIdx.y) * kMaxTopK;
+    for (int64_t start = begin; start < end; start += kThreads)
+    {
+        int64_t const i = start + tid;
+        uint32_t const key = i < end ? order_key(sc[i]) : 0U;
+        bool const flag = i < end && (key >> kBinShift) >= bin;
+        unsigned const ballot = __ballot_sync(0xFFFFFFFFu, flag);
+        if (lane == 0)
+            warp_cnt[warp] = __popc(ballot);
+        __syncthreads();
+        if (tid == 0)
+        {
+            int total = 0;
+            for (int w = 0; w < kThreads / 32; ++w)
+            {
+                int const c = warp_cnt[w];
+                warp_cnt[w] = total;
+                total += c;
+            }
+            s_base = total > 0 ? int(atomicAdd(&gh[kBins], unsigned(total))) : 0;
+        }
+        __syncthreads();
+        if (flag)
+        {
+            int const slot = s_base + warp_cnt[warp] + __popc(ballot & ((1U << lane) - 1U));
+            cand[slot] = (static_cast<unsigned long long>(~key) << 32) | static_cast<uint32_t>(i);
+        }
+        __syncthreads(); // warp_cnt / s_base are rewritten by the next round
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) indexer_final_kernel(IxArgs a)
 {
     __shared__ SelectSmem sel;
     int64_t const row = a.row0 + blockIdx.x;
-    block_topk(a.ws + size_t(blockIdx.x) * a.N, visible_count(a, row), a.topk, a.out + row * a.topk, sel);
+    int64_t const n = visible_count(a, row);
+    float const* sc = a.ws + size_t(blockIdx.x) * a.ws_stride;
+    int64_t* out = a.out + row * a.topk;
+    int const count = int(a.hist[size_t(blockIdx.x) * (kBins + 1) + kBins]);
+    // the filter either wrote every key of bins >= the threshold bin (>= k of them) or nothing
+    if (n <= a.topk || count < a.topk || count > kMaxTopK)
+    {
+        block_topk(sc, n, a.topk, out, sel);
+        return;
+    }
+    unsigned long long const* cand = a.cand + size_t(blockIdx.x) * kMaxTopK;
+    for (int i = threadIdx.x; i < count; i += kThreads)
+        sel.pairs[i] = cand[i];
+    sort_pairs(sel, count);
+    for (int i = threadIdx.x; i < a.topk; i += kThreads)
+        out[i] = int64_t(static_cast<uint32_t>(sel.pairs[i] & 0xFFFFFFFFu));
 }
 
 } // namespace
@@ -571,6 +721,21 @@ char const* indexer_topk_check(IndexerTopKParams const& p)
     return nullptr;
 }
 
+namespace detail
+{
+//! Workspace per query row in flight: its scores (16-byte rows), then the split selection's
+//! candidates and histogram (+ candidate count).
+size_t scores_row_bytes(int64_t N)
+{
+    return (size_t(N) * sizeof(float) + 15) / 16 * 16;
+}
+
+size_t ws_row_bytes(int64_t N)
+{
+    return scores_row_bytes(N) + size_t(kMaxTopK) * sizeof(unsigned long long) + size_t(kBins + 1) * sizeof(unsigned);
+}
+} // namespace detail
+
 namespace
 {
 int score_mode(IndexerTopKParams const& p)
@@ -594,8 +759,8 @@ cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStr
     size_t const score_smem = score_smem_bytes(kMode, a.Hp, a.Di);
     size_t const select_smem = sizeof(SelectSmem);
     size_t const fused_smem = score_smem + size_t(p.N) * sizeof(float);
-    size_t const row_bytes = size_t(p.N) * sizeof(float);
-    int64_t const ws_rows = (p.workspace && row_bytes > 0) ? int64_t(p.workspace_bytes / row_bytes) : 0;
+    size_t const row_bytes = ws_row_bytes(p.N);
+    int64_t const ws_rows = (p.workspace && p.N > 0) ? int64_t(p.workspace_bytes / row_bytes) : 0;
 
     // 1) fused, scores in shared memory: enough rows to fill the GPU (or no workspace to split)
     if (fused_smem + select_smem <= size_t(optin) && (rows >= sms || ws_rows == 0))
@@ -624,7 +789,12 @@ cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStr
     if (score_smem + select_smem > size_t(optin))
         return cudaErrorInvalidValue;
 
-    a.ws = static_cast<float*>(p.workspace);
+    // workspace: scores [ws_rows][ws_stride] | candidates [ws_rows][kMaxTopK] | histograms [ws_rows][kBins + 1]
+    unsigned char* base = static_cast<unsigned char*>(p.workspace);
+    a.ws_stride = int64_t(scores_row_bytes(p.N) / sizeof(float));
+    a.ws = reinterpret_cast<float*>(base);
+    a.cand = reinterpret_cast<unsigned long long*>(base + size_t(ws_rows) * scores_row_bytes(p.N));
+    a.hist = reinterpret_cast<unsigned*>(a.cand + size_t(ws_rows) * kMaxTopK);
     cudaError_t err = cudaSuccess;
     if (rows >= sms)
     {
@@ -659,10 +829,12 @@ cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStr
         n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
         a.n_chunk = int32_t(n_chunk);
         dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
-        HATRT_LAUNCH(score, grid, kThreads, score_smem, stream)(a);
-        if ((err = cudaGetLastError()) != cudaSuccess)
+        if ((err = cudaMemsetAsync(a.hist, 0, size_t(nr) * (kBins + 1) * sizeof(unsigned), stream)) != cudaSuccess)
             return err;
-        HATRT_LAUNCH(indexer_select_kernel, unsigned(nr), kThreads, 0, stream)(a);
+        HATRT_LAUNCH(score, grid, kThreads, score_smem, stream)(a);
+        HATRT_LAUNCH(indexer_hist_kernel, grid, kThreads, 0, stream)(a);
+        HATRT_LAUNCH(indexer_filter_kernel, grid, kThreads, 0, stream)(a);
+        HATRT_LAUNCH(indexer_final_kernel, unsigned(nr), kThreads, 0, stream)(a);
         if ((err = cudaGetLastError()) != cudaSuccess)
             return err;
     }
@@ -679,7 +851,7 @@ size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap)
 {
     if (N <= 0 || rows <= 0)
         return 0;
-    size_t const row_bytes = size_t(N) * sizeof(float);
+    size_t const row_bytes = detail::ws_row_bytes(N);
     size_t const all = row_bytes * size_t(rows);
     size_t const bytes = all < cap ? all : cap;
     return bytes < row_bytes ? row_bytes : bytes;

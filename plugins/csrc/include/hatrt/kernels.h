@@ -142,9 +142,10 @@ struct IndexerTopKParams
     IndexType q_pos_type = IndexType::kInt64;
     int64_t* out = nullptr;        //!< [B, S, topk]
 
-    //! Score scratch (fp32, one row of N per query in flight). Needed when a query's visible
-    //! scores do not fit in shared memory, and used to spread the scoring of few, long rows over
-    //! the whole GPU. Rows are processed in batches that fit; at least N * 4 bytes when needed.
+    //! Scratch: per query in flight, its N fp32 scores plus 48 KiB for the split selection.
+    //! Needed when a query's visible scores do not fit in shared memory, and used to spread the
+    //! scoring and selection of few, long rows over the whole GPU. Rows are processed in batches
+    //! that fit; at least indexer_topk_workspace_bytes(1, N) bytes when needed.
     void* workspace = nullptr;
     size_t workspace_bytes = 0;
     int32_t num_sms = 0;
@@ -157,7 +158,7 @@ struct IndexerTopKParams
 char const* indexer_topk_check(IndexerTopKParams const& p);
 //! Whether indexer_topk() scores these parameters on tensor cores.
 bool indexer_uses_tensor_cores(IndexerTopKParams const& p);
-//! Scratch for the fastest path at these sizes (capped at `cap` bytes; >= N * 4 when N > 0).
+//! Scratch for the fastest path at these sizes (capped at `cap` bytes, but at least one row's).
 size_t indexer_topk_workspace_bytes(int64_t rows, int64_t N, size_t cap = size_t(256) << 20);
 cudaError_t indexer_topk(IndexerTopKParams const& p, cudaStream_t stream);
 
