@@ -225,6 +225,26 @@ def test_compress_fused_cache_write(kern):
     assert torch.equal(back[:, 448:], flat[:, 448:].to(BF16).float()), msg
 
 
+def test_compress_fused_index_key_write(kern):
+    """The indexer's compressor (D 128, Hadamard + FP4) writes the 68-byte index key that
+    IndexerTopK reads; it dequantizes exactly to the fp32 output."""
+    ext = kern.ext
+    g, seed = _gen(kern)
+    B, N, m, D, r = 2, 5, 4, 128, 64
+    kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, F32, g)
+    rows = B * N + 3
+    cache = torch.full((rows, 68), 0xCD, dtype=torch.uint8, device=kern.dev)
+    slot = torch.randperm(rows, generator=g, device=kern.dev)[: B * N].view(B, N)
+    out = torch.full((B, N, D), float("nan"), device=kern.dev)
+    ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 2, cache, slot)
+    back = torch.full((B * N, D), float("nan"), device=kern.dev)
+    ext.index_key_read_68(back, cache, slot.reshape(-1))
+    kern.sync()
+    msg = f"seed={seed}"
+    assert torch.isfinite(back).all(), msg
+    assert torch.equal(back, out.reshape(B * N, D)), msg
+
+
 # ----------------------------------------------------------------------------- indexer + top-k
 INDEXER_CASES = [
     # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, keys ("same" or "fp4": 68-byte packed), pos dtype,

@@ -216,7 +216,8 @@ void compress(c10::optional<at::Tensor> out, at::Tensor kv, at::Tensor score, c1
     if (cache.has_value())
     {
         check_cuda(*cache, "cache");
-        TORCH_CHECK(cache->scalar_type() == at::kByte && cache->size(-1) == 584, "cache must be uint8 [.., 584]");
+        TORCH_CHECK(cache->scalar_type() == at::kByte && (cache->size(-1) == 584 || cache->size(-1) == 68),
+            "cache must be uint8 [.., 584] or [.., 68]");
         p.cache = cache->data_ptr<uint8_t>();
         if (cache_slot.has_value())
         {

@@ -2,7 +2,8 @@
 //   per-channel softmax pooling over the block's slots (one pass, online softmax, fp32)
 //   -> RMSNorm with weight -> RoPE at the block's first position on the last r dims (interleaved
 //   pairs) -> optional fake quantization (FP8 e4m3 blocks of 64 on dims [0, D - r), or Hadamard +
-//   FP4 e2m1 blocks of 32) -> the fp32 entry and/or the 584-byte cache entry.
+//   FP4 e2m1 blocks of 32) -> the fp32 entry and/or its cache form (the 584-byte KV entry, or the
+//   68-byte FP4 index key for the indexer's compressor).
 // One block per entry (b, i); each thread owns channels tid, tid + 256, ... so every slot read is
 // coalesced across the block. CSA (overlap) entry i pools 2m slots per channel c: the FIRST halves
 // (c) of block i-1 (prev_kv / prev_score for i == 0), then the SECOND halves (D + c) of block i.
@@ -248,9 +249,23 @@ __global__ void __launch_bounds__(kThreads) compress_kernel(CmpArgs a)
     }
     if (a.cache)
     {
-        int64_t const slot = a.cache_slot ? load_idx(a.cache_slot, a.cache_slot_type, e) : e;
+        int64_t const slot = a.cache_slot ? load_idx(a.cache_slot, a.cache_slot_type, e) : e; // uniform
         if (slot < 0)
             return;
+        if (a.quant == 2)
+        {
+            // the 68-byte FP4 index key: two e2m1 codes per byte (lower channel in the low nibble)
+            __shared__ uint8_t scode[index_key68::kDim];
+            if (tid < index_key68::kDim)
+                scode[tid] = uint8_t(e2m1_code(val[0] / sscale[tid / index_key68::kBlock])); // on the grid: exact
+            __syncthreads();
+            uint8_t* dst = a.cache + slot * index_key68::kBytes;
+            if (tid < index_key68::kScaleOffset)
+                dst[tid] = uint8_t(scode[2 * tid] | (scode[2 * tid + 1] << 4));
+            else if (tid < index_key68::kBytes)
+                dst[tid] = ue8m0_of(sscale[tid - index_key68::kScaleOffset]);
+            return;
+        }
         uint8_t* dst = a.cache + slot * entry584::kBytes;
 #pragma unroll
         for (int cc = 0; cc < kCpt; ++cc)
@@ -294,10 +309,12 @@ char const* compress_check(CompressParams const& p)
         return "compress: quant=1 (fp8) needs D - r to be a multiple of 64";
     if (p.quant == 2 && ((p.D & (p.D - 1)) != 0 || p.D % 32 != 0))
         return "compress: quant=2 (fp4) needs D to be a power of two >= 32";
-    if (p.cache && !(p.D == entry584::kDim && p.r == entry584::kRope && p.quant == 1))
-        return "compress: the 584-byte cache write needs D == 512, r == 64 and quant == 1";
-    if (p.cache && !aligned(p.cache, 8))
-        return "compress: cache must be 8-byte aligned";
+    if (p.cache && !(p.D == entry584::kDim && p.r == entry584::kRope && p.quant == 1)
+        && !(p.D == index_key68::kDim && p.quant == 2))
+        return "compress: the cache write needs D == 512, r == 64, quant == 1 (584-byte KV entry) or D == 128, "
+               "quant == 2 (68-byte FP4 index key)";
+    if (p.cache && !aligned(p.cache, p.quant == 2 ? 4 : 8))
+        return "compress: cache must be 8-byte aligned (4 for the 68-byte index key)";
     if (!is_float_dtype(p.kv_dtype) || !is_float_dtype(p.score_dtype) || !is_float_dtype(p.norm_weight_dtype)
         || !is_float_dtype(p.cos_dtype) || !is_float_dtype(p.sin_dtype)
         || (p.overlap && (!is_float_dtype(p.prev_kv_dtype) || !is_float_dtype(p.prev_score_dtype))))

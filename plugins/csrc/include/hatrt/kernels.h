@@ -195,9 +195,10 @@ struct CompressParams
     DType sin_dtype = DType::kFloat32;
 
     float* out = nullptr;             //!< [B, N, D] float32 (may be null when only `cache` is written)
-    //! Optional fused cache write of each finished entry in the 584-byte layout (needs D == 512,
-    //! r == 64, quant == 1: the cache then dequantizes exactly to `out`, RoPE dims rounded to bf16).
-    uint8_t* cache = nullptr;         //!< [rows, 584]
+    //! Optional fused cache write of each finished entry: the 584-byte KV layout (D == 512, r == 64,
+    //! quant == 1: dequantizes exactly to `out`, RoPE dims rounded to bf16) or the 68-byte FP4 index
+    //! key (D == 128, quant == 2, the indexer's compressor: dequantizes exactly to `out`).
+    uint8_t* cache = nullptr;         //!< [rows, 584] or [rows, 68]
     void const* cache_slot = nullptr; //!< [B, N] row of `cache` per entry (<0: skip); null: b * N + i
     IndexType cache_slot_type = IndexType::kInt64;
 };
