@@ -80,3 +80,16 @@ def test_plugin_harness_enqueue_emulated(emu_objects):
     proc = _run([exe], timeout=300)
     assert "GPU part: on the CUDA emulator" in proc.stdout, proc.stdout
     assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout
+
+
+def test_kernel_benchmark_script_smoke(tmp_path):
+    """plugins/bench/bench_kernels.py runs end to end (every call once, tiny shapes, on the
+    emulator), so GPU time is not lost to a script error. Its times mean nothing here."""
+    out = tmp_path / "bench.json"
+    proc = _run([sys.executable, PLUGINS / "bench" / "bench_kernels.py", "--smoke", "--out", out], timeout=900)
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    kernels = {r["kernel"] for r in rows}
+    assert {"attention_tc", "attention_fp32", "indexer_fp4", "indexer_bf16", "indexer_bf16_fp32", "compress"} <= kernels
+    assert "CUDA emulator" in proc.stdout

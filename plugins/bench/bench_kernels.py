@@ -8,8 +8,10 @@ written once) and the FLOPs, against the card's measured device-to-device copy b
 matrix rate. Shapes: V4-Flash (H 64, top-k 512) and V4-Pro (H 128, top-k 1024) decode, contexts 8K /
 128K / 1M (CSA: N = ctx / 4 entries), batch 1 / 16 / 64 where memory and time allow.
 Sparse attention runs twice per shape, side by side: the tensor-core kernel (mma.sync, bf16) and
-the fp32 CUDA-core kernel, so the ratio between them comes from one run. The indexer and the
-compressor still compute in fp32 on CUDA cores.
+the fp32 CUDA-core kernel, so the ratio between them comes from one run. The indexer reads the
+production 68-byte FP4 keys (tensor-core scoring); at its target case (256K candidates, top-512,
+batch 1) it also runs with bf16 keys on tensor cores and on CUDA cores. The compressor computes in
+fp32 on CUDA cores.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import math
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +33,14 @@ DEV = "cuda"
 L2_BYTES = 60 << 20
 
 
+SMOKE = False  # --smoke: every call once on the CPU emulator, tiny shapes, no timing claims
+
+
 def timed(fn, reps=20, warmup=3):
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn(0)
+        return time.perf_counter() - t0
     for _ in range(warmup):
         fn(0)
     torch.cuda.synchronize()
@@ -46,7 +56,7 @@ def timed(fn, reps=20, warmup=3):
 
 
 def copies_for(nbytes):
-    return max(1, min(6, math.ceil(4 * L2_BYTES / max(nbytes, 1))))
+    return 1 if SMOKE else max(1, min(6, math.ceil(4 * L2_BYTES / max(nbytes, 1))))
 
 
 def ceilings():
@@ -98,23 +108,38 @@ def bench_attention(ext, rows, name, H, topk, ctx, B, tensor_cores):
     torch.cuda.empty_cache()
 
 
-def bench_indexer(ext, rows, name, topk, ctx, B, Hi=64, Di=128):
+def fp4_keys(ext, n):
+    """uint8 [n, 68]: real packed FP4 index keys (index_key_write_68 of random vectors), tiled."""
+    base = 4096
+    small = torch.empty(base, 68, dtype=torch.uint8, device=DEV)
+    ext.index_key_write_68(small, torch.randn(base, 128, device=DEV))
+    reps = (n + base - 1) // base
+    return small.repeat(reps, 1)[:n].contiguous()
+
+
+def bench_indexer(ext, rows, name, topk, ctx, B, keys="fp4", tensor_cores=True, Hi=64, Di=128):
+    """keys "fp4": the production 68-byte packed keys; "bf16": plain bf16 keys."""
     N = ctx // 4
-    bytes_one = B * N * Di * 2 + B * Hi * Di * 2 + B * topk * 8
+    key_bytes = 68 if keys == "fp4" else Di * 2
+    bytes_one = B * N * key_bytes + B * Hi * Di * 2 + B * topk * 8
     sets = []
     for _ in range(copies_for(bytes_one)):
         q = torch.randn(B, 1, Hi, Di, device=DEV, dtype=torch.bfloat16)
         w = torch.randn(B, 1, Hi, device=DEV, dtype=torch.bfloat16)
-        k = torch.randn(B, N, Di, device=DEV, dtype=torch.bfloat16)
+        if keys == "fp4":
+            k = fp4_keys(ext, B * N).view(B, N, 68)
+        else:
+            k = torch.randn(B, N, Di, device=DEV, dtype=torch.bfloat16)
         pos = torch.full((B, 1), ctx - 1, device=DEV, dtype=torch.int64)
         sets.append((torch.empty(B, 1, topk, dtype=torch.int64, device=DEV), q, w, k, pos))
 
     def run(i):
         o, q, w, k, p = sets[i % len(sets)]
-        ext.indexer_topk(o, q, w, k, p, 4, topk, True)
+        ext.indexer_topk(o, q, w, k, p, 4, topk, True, tensor_cores=tensor_cores)
 
     t = timed(run)
-    rows.append(dict(kernel="indexer_topk", shape=f"{name} N={N} B={B} topk={topk}", time_us=t * 1e6,
+    kernel = f"indexer_{keys}" + ("" if tensor_cores else "_fp32")
+    rows.append(dict(kernel=kernel, shape=f"{name} N={N} B={B} topk={topk}", time_us=t * 1e6,
                      bytes=bytes_one, flops=2.0 * B * N * Hi * Di))
     torch.cuda.empty_cache()
 
@@ -147,25 +172,41 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="check the script itself: every call once, tiny shapes, on the CPU emulator (no GPU)")
     args = ap.parse_args()
-    ext = kernels_ext.load()
-    props = torch.cuda.get_device_properties(0)
-    bw, mm = ceilings()
+    global SMOKE, DEV
+    SMOKE = args.smoke
+    if SMOKE:
+        DEV = "cpu"
+        ext = kernels_ext.load(emulate=True)
+        props = type("Props", (), {"name": "CUDA emulator (CPU): times are meaningless", "multi_processor_count": 0})
+        bw, mm = 1.0, 1.0
+    else:
+        ext = kernels_ext.load()
+        props = torch.cuda.get_device_properties(0)
+        bw, mm = ceilings()
     rows: list[dict] = []
-    batches = (1, 16) if args.quick else (1, 16, 64)
+    batches = (1,) if SMOKE else (1, 16) if args.quick else (1, 16, 64)
+    contexts = (8192,) if SMOKE else (8192, 131072, 1 << 20)
     for name, H, topk in (("V4-Flash", 64, 512), ("V4-Pro", 128, 1024)):
-        for ctx in (8192, 131072, 1 << 20):
+        for ctx in contexts:
             for B in batches:
                 if ctx == 1 << 20 and B > 16:
                     continue
                 for tc in (True, False):
                     bench_attention(ext, rows, name, H, topk, ctx, B, tc)
-    for ctx in (8192, 131072, 1 << 20):
+    for ctx in contexts:
         for B in batches:
             if ctx == 1 << 20 and B > 16:
                 continue
             bench_indexer(ext, rows, "V4-Flash", 512, ctx, B)
-    for kind, entries in (("HCA", 64), ("HCA", 1024), ("CSA", 64), ("CSA", 32768)):
+    # the target case (256K candidates, top-512, batch 1), side by side: FP4 vs bf16 keys, tensor
+    # cores vs CUDA cores
+    target_ctx = contexts[-1] if SMOKE else 1 << 20
+    bench_indexer(ext, rows, "V4-Flash", 512, target_ctx, 1, keys="bf16")
+    bench_indexer(ext, rows, "V4-Flash", 512, target_ctx, 1, keys="bf16", tensor_cores=False)
+    for kind, entries in (("HCA", 4), ("CSA", 4)) if SMOKE else (("HCA", 64), ("HCA", 1024), ("CSA", 64), ("CSA", 32768)):
         bench_compress(ext, rows, kind, entries)
 
     for r in rows:
