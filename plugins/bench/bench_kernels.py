@@ -112,7 +112,7 @@ def fp4_keys(ext, n):
     """uint8 [n, 68]: real packed FP4 index keys (index_key_write_68 of random vectors), tiled."""
     base = 4096
     small = torch.empty(base, 68, dtype=torch.uint8, device=DEV)
-    ext.index_key_write_68(small, torch.randn(base, 128, device=DEV))
+    ext.index_key_write(small, torch.randn(base, 128, device=DEV))
     reps = (n + base - 1) // base
     return small.repeat(reps, 1)[:n].contiguous()
 

@@ -263,6 +263,31 @@ struct IndexKey68Loader
     }
 };
 
+//! 8 consecutive values [d0, d0 + 8) of a 132-byte FP8 index key, exactly (power-of-two scale).
+struct IndexKey132Loader
+{
+    uint8_t const* base;
+
+    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    {
+        uint8_t const* e = base + row * index_key132::kBytes; // 4-byte aligned (132 = 4 * 33)
+        uint32_t const w0 = __ldg(reinterpret_cast<uint32_t const*>(e + d0));
+        uint32_t const w1 = __ldg(reinterpret_cast<uint32_t const*>(e + d0 + 4));
+        float const s = __ldg(reinterpret_cast<float const*>(e + index_key132::kScaleOffset));
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+        {
+            v[i] = e4m3_value(uint8_t(w0 >> (8 * i))) * s;
+            v[4 + i] = e4m3_value(uint8_t(w1 >> (8 * i))) * s;
+        }
+    }
+};
+
+inline bool is_index_key(DType t)
+{
+    return t == DType::kIndexKey68 || t == DType::kIndexKey132;
+}
+
 inline int device_num_sms(int32_t given)
 {
     if (given > 0)

@@ -34,10 +34,16 @@ std::string IndexerTopKFields::validate(IndexerTopKFields const& f, FieldsSeen c
 // ----------------------------------------------------------------------------- plugin
 namespace
 {
-//! keys may be the 68-byte MXFP4 index key (uint8 or fp8 tensors, last dim 68) of production.
+//! keys may be a packed index key (uint8 or fp8 tensors): 68-byte MXFP4 or 132-byte FP8.
 bool isPackedKeys(PluginTensorDesc const& d)
 {
-    return isByteType(d.type) && d.dims.nbDims == 3 && d.dims.d[2] == index_key68::kBytes;
+    return isByteType(d.type) && d.dims.nbDims == 3
+        && (d.dims.d[2] == index_key68::kBytes || d.dims.d[2] == index_key132::kBytes);
+}
+
+DType packedKeyType(PluginTensorDesc const& d)
+{
+    return d.dims.d[2] == index_key68::kBytes ? DType::kIndexKey68 : DType::kIndexKey132;
 }
 } // namespace
 
@@ -54,10 +60,11 @@ std::string IndexerTopKPlugin::checkShapes(PluginTensorDesc const* in, int32_t n
     if (w.nbDims != 3 || !dimMatches(w.d[0], q.d[0]) || !dimMatches(w.d[1], q.d[1]) || !dimMatches(w.d[2], q.d[2]))
         return "weights must be [B, S, Hi] for q " + dimsToString(q) + ", got " + dimsToString(w);
     bool const packed = isPackedKeys(in[2]);
-    if (k.nbDims != 3 || !dimMatches(k.d[0], q.d[0]) || !dimMatches(k.d[2], packed ? int64_t(index_key68::kBytes) : q.d[3]))
-        return "keys must be [B, N, Di] (or [B, N, 68] bytes) for q " + dimsToString(q) + ", got " + dimsToString(k);
+    if (k.nbDims != 3 || !dimMatches(k.d[0], q.d[0]) || (!packed && !dimMatches(k.d[2], q.d[3])))
+        return "keys must be [B, N, Di] (or [B, N, 68 | 132] bytes) for q " + dimsToString(q) + ", got "
+            + dimsToString(k);
     if (packed && !dimMatches(q.d[3], index_key68::kDim))
-        return "the 68-byte FP4 index key needs Di == 128, q is " + dimsToString(q);
+        return "packed index keys need Di == 128, q is " + dimsToString(q);
     if (pos.nbDims != 2 || !dimMatches(pos.d[0], q.d[0]) || !dimMatches(pos.d[1], q.d[1]))
         return "q_pos must be [B, S] for q " + dimsToString(q) + ", got " + dimsToString(pos);
     if (q.d[2] > 128)
@@ -75,8 +82,8 @@ bool IndexerTopKPlugin::supportsType(int32_t pos, DynamicPluginTensorDesc const*
     case 0: // q
     case 1: // weights
         return isFloatType(desc.type);
-    case 2: // keys: plain float tensors (the ONNX contract) or the packed 68-byte FP4 index key
-        return isFloatType(desc.type) || (isByteType(desc.type) && desc.dims.nbDims == 3 && desc.dims.d[2] == index_key68::kBytes);
+    case 2: // keys: plain float tensors (the ONNX contract) or packed index keys (68-byte FP4, 132-byte FP8)
+        return isFloatType(desc.type) || isPackedKeys(desc);
     case 3: // q_pos
         return isIndexType(desc.type);
     default: // entry_idx: exactly what getOutputDataTypes declares
@@ -129,7 +136,7 @@ int32_t IndexerTopKPlugin::enqueueOp(PluginTensorDesc const* inputDesc, PluginTe
     p.weights = inputs[1];
     p.weights_dtype = toDType(inputDesc[1].type);
     p.keys = inputs[2];
-    p.keys_dtype = isPackedKeys(inputDesc[2]) ? DType::kIndexKey68 : toDType(inputDesc[2].type);
+    p.keys_dtype = isPackedKeys(inputDesc[2]) ? packedKeyType(inputDesc[2]) : toDType(inputDesc[2].type);
     p.q_pos = inputs[3];
     p.q_pos_type = toIndexType(inputDesc[3].type);
     p.out = static_cast<int64_t*>(outputs[0]);

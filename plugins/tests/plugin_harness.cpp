@@ -277,9 +277,14 @@ void cpuChecks()
             CHECK(accepts(p, packed, 4, 2, DataType::kUINT8), "IndexerTopK: packed 68-byte FP4 keys accepted");
             CHECK(build(p)->configurePlugin(packed.data(), 4, packed.data() + 4, 1) == 0,
                 "IndexerTopK: configure packed keys");
+            auto packed8 = io;
+            packed8[2] = ddesc(DataType::kUINT8, {2, 100, 132});
+            CHECK(accepts(p, packed8, 4, 2, DataType::kUINT8)
+                    && build(p)->configurePlugin(packed8.data(), 4, packed8.data() + 4, 1) == 0,
+                "IndexerTopK: packed 132-byte FP8 keys accepted");
             auto bad = packed;
             bad[2].desc.dims = dims({2, 100, 64});
-            CHECK(!accepts(p, bad, 4, 2, DataType::kUINT8), "IndexerTopK: uint8 keys must be 68 wide");
+            CHECK(!accepts(p, bad, 4, 2, DataType::kUINT8), "IndexerTopK: uint8 keys must be 68 or 132 wide");
             auto badDi = packed;
             badDi[0].desc.dims = dims({2, 3, 64, 64});
             CHECK(build(p)->configurePlugin(badDi.data(), 4, badDi.data() + 4, 1) != 0,

@@ -238,7 +238,7 @@ def test_compress_fused_index_key_write(kern):
     out = torch.full((B, N, D), float("nan"), device=kern.dev)
     ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 2, cache, slot)
     back = torch.full((B * N, D), float("nan"), device=kern.dev)
-    ext.index_key_read_68(back, cache, slot.reshape(-1))
+    ext.index_key_read(back, cache, slot.reshape(-1))
     kern.sync()
     msg = f"seed={seed}"
     assert torch.isfinite(back).all(), msg
@@ -247,7 +247,7 @@ def test_compress_fused_index_key_write(kern):
 
 # ----------------------------------------------------------------------------- indexer + top-k
 INDEXER_CASES = [
-    # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, keys ("same" or "fp4": 68-byte packed), pos dtype,
+    # B, S, Hi, Di, N, topk, ratio, bf16, in dtype, keys ("same", "fp4": 68-byte, "fp8": 132-byte), pos dtype,
     # num_sms, workspace_bytes (-1 default). bf16/fp16 cases with Di % 16 == 0 score on tensor cores
     # and run again on CUDA cores (_indexer_runs).
     (2, 5, 64, 128, 0, 16, 4, False, F32, "same", torch.int64, 0, -1),       # nothing visible
@@ -259,6 +259,7 @@ INDEXER_CASES = [
     (2, 4, 16, 64, 70000, 256, 4, False, F32, "same", torch.int64, 1, 3 * 70000 * 4),  # fused, workspace, batches
     (2, 6, 64, 128, 1500, 128, 4, True, BF16, "fp4", torch.int64, 0, -1),    # production: FP4 keys, bf16 scores
     (1, 2, 64, 128, 9000, 512, 4, False, BF16, "fp4", torch.int32, 100000, -1),  # FP4 keys, split path
+    (2, 3, 64, 128, 2500, 256, 4, False, F16, "fp8", torch.int64, 0, -1),    # FP8 (132-byte) keys, fp16 q
 ]
 
 
@@ -279,30 +280,32 @@ def _index_keys(ext, keys, packing):
     if packing == "same":
         return keys, keys.float()
     B, N, Di = keys.shape
-    packed = torch.full((B * N, 68), 0xEE, dtype=torch.uint8, device=keys.device)
-    ext.index_key_write_68(packed, keys.reshape(B * N, Di).contiguous())
+    packed = torch.full((B * N, 68 if packing == "fp4" else 132), 0xEE, dtype=torch.uint8, device=keys.device)
+    ext.index_key_write(packed, keys.reshape(B * N, Di).contiguous())
     back = torch.empty((B * N, Di), device=keys.device)
-    ext.index_key_read_68(back, packed)
-    return packed.view(B, N, 68), back.view(B, N, Di)
+    ext.index_key_read(back, packed)
+    return packed.view(B, N, -1), back.view(B, N, Di)
 
 
-def test_index_key_write_read_68(kern):
+def test_index_key_write_read(kern):
+    """Both packed index-key formats: 68-byte FP4 (== fake_quant_fp4) and 132-byte FP8
+    (== fake_quant_fp8 with one block of 128)."""
     ext, (_, quant) = kern.ext, _ref()
-    for dtype in (F32, BF16, F16):
+    for width, dtype in ((68, F32), (68, BF16), (68, F16), (132, F32), (132, BF16)):
         g, seed = _gen(kern)
         n, rows = 77, 100
         mag = torch.exp2(_randint(-10, 10, (n, 4, 1), g).float()).expand(n, 4, 32).reshape(n, 128)
         src = (_randn((n, 128), g) * mag).to(dtype)
         slot = torch.randperm(rows, generator=g, device=kern.dev)[:n]
         slot[3] = -1  # skipped
-        cache = torch.full((rows, 68), 0xAB, dtype=torch.uint8, device=kern.dev)
-        ext.index_key_write_68(cache, src, slot)
+        cache = torch.full((rows, width), 0xAB, dtype=torch.uint8, device=kern.dev)
+        ext.index_key_write(cache, src, slot)
         out = torch.full((n, 128), float("nan"), device=kern.dev)
-        ext.index_key_read_68(out, cache, slot)
+        ext.index_key_read(out, cache, slot)
         kern.sync()
-        ref = quant.fake_quant_fp4(src.float())
+        ref = quant.fake_quant_fp4(src.float()) if width == 68 else quant.fake_quant_fp8(src.float(), block=128)
         ref[3] = 0.0  # a negative slot reads as zeros
-        msg = f"dtype={dtype} seed={seed}"
+        msg = f"width={width} dtype={dtype} seed={seed}"
         assert torch.isfinite(out).all(), msg
         assert _mismatch_fraction(out, ref, rtol=0, atol=0) <= 1e-3, msg  # bit-exact but for log2 edge cases
         written = slot[slot >= 0]

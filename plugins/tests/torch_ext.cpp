@@ -104,7 +104,16 @@ bool uses_tensor_cores(at::Tensor q, int64_t head_dim, bool tensor_cores)
 }
 
 // out[B, S, topk] int64 <- IndexerTopK
-// keys: float [B, N, Di] or uint8 [B, N, 68] (the packed FP4 index key, Di == 128).
+//! Float keys, or uint8 [..., 68] (FP4) / [..., 132] (FP8) packed index keys.
+hatrt::DType key_dtype(at::Tensor const& keys)
+{
+    if (keys.scalar_type() != at::kByte)
+        return fdtype(keys);
+    TORCH_CHECK(keys.size(-1) == 68 || keys.size(-1) == 132, "packed keys must be uint8 [.., 68] or [.., 132]");
+    return keys.size(-1) == 68 ? hatrt::DType::kIndexKey68 : hatrt::DType::kIndexKey132;
+}
+
+// keys: float [B, N, Di] or uint8 [B, N, 68 | 132] (packed FP4 / FP8 index keys, Di == 128).
 void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor keys, at::Tensor q_pos, int64_t ratio,
     int64_t topk, bool bf16_scores, int64_t num_sms, int64_t workspace_bytes, bool tensor_cores)
 {
@@ -118,7 +127,7 @@ void indexer_topk(at::Tensor out, at::Tensor q, at::Tensor weights, at::Tensor k
     p.q = q.data_ptr(), p.q_dtype = fdtype(q);
     p.weights = weights.data_ptr(), p.weights_dtype = fdtype(weights);
     p.keys = keys.data_ptr();
-    p.keys_dtype = keys.scalar_type() == at::kByte ? hatrt::DType::kIndexKey68 : fdtype(keys);
+    p.keys_dtype = key_dtype(keys);
     p.tensor_cores = tensor_cores;
     p.q_pos = q_pos.data_ptr(), p.q_pos_type = idtype(q_pos);
     p.out = out.data_ptr<int64_t>();
@@ -139,17 +148,18 @@ bool indexer_uses_tensor_cores(at::Tensor q, at::Tensor keys, bool tensor_cores)
 {
     hatrt::IndexerTopKParams p;
     p.Di = int32_t(q.size(-1)), p.q_dtype = fdtype(q), p.tensor_cores = tensor_cores;
-    p.keys_dtype = keys.scalar_type() == at::kByte ? hatrt::DType::kIndexKey68 : fdtype(keys);
+    p.keys_dtype = key_dtype(keys);
     return hatrt::indexer_uses_tensor_cores(p);
 }
 
-// cache[rows, 68] (uint8, in place) <- FP4-quantized src[n, 128]; slot optional.
-void index_key_write_68(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> slot)
+// cache[rows, 68 | 132] (uint8, in place) <- FP4 / FP8-quantized src[n, 128]; slot optional.
+void index_key_write(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> slot)
 {
     check_cuda(cache, "cache");
     check_cuda(src, "src");
     HATRT_DEVICE_GUARD(src);
-    TORCH_CHECK(cache.scalar_type() == at::kByte && cache.size(-1) == 68, "cache must be uint8 [.., 68]");
+    TORCH_CHECK(cache.scalar_type() == at::kByte && (cache.size(-1) == 68 || cache.size(-1) == 132),
+        "cache must be uint8 [.., 68] or [.., 132]");
     TORCH_CHECK(src.size(-1) == 128, "src must be [..., 128]");
     void const* sl = nullptr;
     hatrt::IndexType st = hatrt::IndexType::kInt64;
@@ -158,18 +168,20 @@ void index_key_write_68(at::Tensor cache, at::Tensor src, c10::optional<at::Tens
         check_cuda(*slot, "slot");
         sl = slot->data_ptr(), st = idtype(*slot);
     }
-    finish("index_key_write_68", nullptr,
-        hatrt::index_key_write_68(src.numel() / 128, src.data_ptr(), fdtype(src), sl, st, cache.data_ptr<uint8_t>(),
-            stream()));
+    auto write = cache.size(-1) == 68 ? hatrt::index_key_write_68 : hatrt::index_key_write_132;
+    finish("index_key_write", nullptr,
+        write(src.numel() / 128, src.data_ptr(), fdtype(src), sl, st, cache.data_ptr<uint8_t>(), stream()));
 }
 
-// out[n, 128] float32 <- dequantized 68-byte keys (slot optional).
-void index_key_read_68(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slot)
+// out[n, 128] float32 <- dequantized packed keys (slot optional).
+void index_key_read(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slot)
 {
     check_cuda(cache, "cache");
     check_cuda(out, "out");
     HATRT_DEVICE_GUARD(cache);
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 128, "out must be float32 [n, 128]");
+    TORCH_CHECK(cache.scalar_type() == at::kByte && (cache.size(-1) == 68 || cache.size(-1) == 132),
+        "cache must be uint8 [.., 68] or [.., 132]");
     void const* sl = nullptr;
     hatrt::IndexType st = hatrt::IndexType::kInt64;
     if (slot.has_value())
@@ -177,8 +189,9 @@ void index_key_read_68(at::Tensor out, at::Tensor cache, c10::optional<at::Tenso
         check_cuda(*slot, "slot");
         sl = slot->data_ptr(), st = idtype(*slot);
     }
-    finish("index_key_read_68", nullptr,
-        hatrt::index_key_read_68(out.numel() / 128, cache.data_ptr<uint8_t>(), sl, st, out.data_ptr<float>(), stream()));
+    auto read = cache.size(-1) == 68 ? hatrt::index_key_read_68 : hatrt::index_key_read_132;
+    finish("index_key_read", nullptr,
+        read(out.numel() / 128, cache.data_ptr<uint8_t>(), sl, st, out.data_ptr<float>(), stream()));
 }
 
 // out[B, N, D] float32 (optional) and/or cache[rows, 584] (optional) <- GatedCompress /
@@ -283,9 +296,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
         py::arg("num_sms") = 0, py::arg("workspace_bytes") = -1, py::arg("tensor_cores") = true);
     m.def("indexer_uses_tensor_cores", &indexer_uses_tensor_cores, "whether indexer_topk scores on tensor cores",
         py::arg("q"), py::arg("keys"), py::arg("tensor_cores") = true);
-    m.def("index_key_write_68", &index_key_write_68, "quantize indexer keys into 68-byte FP4 entries",
+    m.def("index_key_write", &index_key_write, "quantize indexer keys into packed entries (68 B FP4 / 132 B FP8)",
         py::arg("cache"), py::arg("src"), py::arg("slot") = py::none());
-    m.def("index_key_read_68", &index_key_read_68, "dequantize 68-byte FP4 index keys", py::arg("out"),
+    m.def("index_key_read", &index_key_read, "dequantize packed index keys (68 B FP4 / 132 B FP8)", py::arg("out"),
         py::arg("cache"), py::arg("slot") = py::none());
     m.def("compress", &compress, "GatedCompress / OverlapGatedCompress", py::arg("out"), py::arg("kv"),
         py::arg("score"), py::arg("prev_kv"), py::arg("prev_score"), py::arg("norm_weight"), py::arg("cos"),

@@ -6,9 +6,10 @@
 //             scores (the documented tie rule), -1 padded to width topk.
 //
 // Scoring, two variants behind one launcher (tiles of 64 keys, 8 warps):
-// - tensor cores (q bf16/fp16 with keys of the same type, or the packed 68-byte MXFP4 keys of
-//   production; Di % 16 == 0; sm_80+): q and the key tile as 16-bit values in shared memory
-//   (exact: the inputs are already 16-bit, and e2m1 times a power of two is exact in bf16/fp16);
+// - tensor cores (q bf16/fp16 with keys of the same type, or the packed 68-byte MXFP4 / 132-byte
+//   FP8 keys of production; Di % 16 == 0; sm_80+): q and the key tile as 16-bit values in shared
+//   memory (exact: the inputs are already 16-bit, and e2m1 or e4m3 times a power of two is exact in
+//   bf16; in fp16 too unless the scale leaves fp16's range);
 //   warp w computes heads [16 (w % 4), +16) x keys [32 (w / 4), +32) with mma.sync m16n8k16, fp32
 //   accumulation, then ReLU, the head weight, and a sum over heads (shuffles, then 4 warps).
 // - CUDA cores (everything else, e.g. fp32 inputs): keys transposed to fp32, each thread
@@ -105,6 +106,11 @@ __device__ __forceinline__ float load_key(IxArgs const& a, int64_t key_row, int 
         uint8_t const* e = static_cast<uint8_t const*>(a.keys) + key_row * index_key68::kBytes;
         uint32_t const code = (uint32_t(__ldg(e + d / 2)) >> (4 * (d % 2))) & 0xFU;
         return e2m1_value(code) * ue8m0_value(__ldg(e + index_key68::kScaleOffset + d / index_key68::kBlock));
+    }
+    if (a.k_dtype == DType::kIndexKey132)
+    {
+        uint8_t const* e = static_cast<uint8_t const*>(a.keys) + key_row * index_key132::kBytes;
+        return e4m3_value(__ldg(e + d)) * __ldg(reinterpret_cast<float const*>(e + index_key132::kScaleOffset));
     }
     return load_f(a.keys, a.k_dtype, key_row * a.Di + d);
 }
@@ -226,7 +232,7 @@ __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int6
     int const mt = warp % 4, kg = warp / 4; // head tile (16 heads of each 64), key group (32 keys)
     int const qp = a.Di + 8;
     int const chunks = a.Di / 8;
-    bool const packed = a.k_dtype == DType::kIndexKey68;
+    bool const packed4 = a.k_dtype == DType::kIndexKey68, packed8 = a.k_dtype == DType::kIndexKey132;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN)
     {
         __syncthreads();
@@ -237,8 +243,10 @@ __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int6
             float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
             if (n < n_end)
             {
-                if (packed)
+                if (packed4)
                     IndexKey68Loader{static_cast<uint8_t const*>(a.keys)}.load8(b * a.N + n, c * 8, v);
+                else if (packed8)
+                    IndexKey132Loader{static_cast<uint8_t const*>(a.keys)}.load8(b * a.N + n, c * 8, v);
                 else if constexpr (kHalf)
                     PlainLoader<__half>{static_cast<__half const*>(a.keys), a.Di}.load8(b * a.N + n, c * 8, v);
                 else
@@ -704,18 +712,18 @@ char const* indexer_topk_check(IndexerTopKParams const& p)
         return "indexer_topk: more than 2^32 - 1 entries";
     if (!is_float_dtype(p.q_dtype) || !is_float_dtype(p.weights_dtype))
         return "indexer_topk: q and weights must be float32, float16 or bfloat16";
-    if (!is_float_dtype(p.keys_dtype) && p.keys_dtype != DType::kIndexKey68)
-        return "indexer_topk: keys must be float32, float16, bfloat16 or the 68-byte FP4 index key";
-    if (p.keys_dtype == DType::kIndexKey68 && p.Di != index_key68::kDim)
-        return "indexer_topk: the 68-byte FP4 index key needs Di == 128";
+    if (!is_float_dtype(p.keys_dtype) && !is_index_key(p.keys_dtype))
+        return "indexer_topk: keys must be float32, float16, bfloat16 or a packed index key (68-byte FP4, 132-byte FP8)";
+    if (is_index_key(p.keys_dtype) && p.Di != 128)
+        return "indexer_topk: packed index keys need Di == 128";
     if (p.B * p.S > 0x7FFFFFFFLL)
         return "indexer_topk: B * S exceeds 2^31 - 1";
     if (p.B * p.S == 0)
         return nullptr;
     if (!p.q || !p.weights || !p.q_pos || !p.out || (p.N > 0 && !p.keys))
         return "indexer_topk: null input or output pointer";
-    if (p.keys_dtype == DType::kIndexKey68 && p.keys && !aligned(p.keys, 4))
-        return "indexer_topk: 68-byte index keys must be 4-byte aligned";
+    if (is_index_key(p.keys_dtype) && p.keys && !aligned(p.keys, 4))
+        return "indexer_topk: packed index keys must be 4-byte aligned";
     if (p.workspace && !aligned(p.workspace, 16))
         return "indexer_topk: workspace must be 16-byte aligned";
     return nullptr;
@@ -743,7 +751,7 @@ int score_mode(IndexerTopKParams const& p)
     using namespace detail;
     bool const q16 = p.q_dtype == DType::kBFloat16 || p.q_dtype == DType::kFloat16;
     bool const same = p.keys_dtype == p.q_dtype && (!p.keys || aligned(p.keys, 16));
-    if (!p.tensor_cores || !q16 || p.Di % 16 != 0 || !(same || p.keys_dtype == DType::kIndexKey68)
+    if (!p.tensor_cores || !q16 || p.Di % 16 != 0 || !(same || is_index_key(p.keys_dtype))
         || device_cc_major() < 8)
         return kCudaCores;
     return p.q_dtype == DType::kFloat16 ? kTensorFp16 : kTensorBf16;

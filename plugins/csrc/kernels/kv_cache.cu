@@ -11,7 +11,8 @@
 // The production indexer key (attention-spec section 7), 68 bytes: 128 FP4 e2m1 values, two per
 // byte (value 2i in the low nibble of byte i), then 4 ue8m0 scales, one per 32 values; the scale is
 // pow2_scale(amax, 6), so the dequantized key equals fake_quant_fp4. One warp per key; lane l owns
-// values [4 l, 4 l + 4) (8 lanes per scale block).
+// values [4 l, 4 l + 4) (8 lanes per scale block). Its FP8 variant, 132 bytes: 128 e4m3 values and
+// one fp32 power-of-two scale per key (fake_quant_fp8 with blocks of 128).
 #include "../common.cuh"
 
 namespace hatrt
@@ -137,24 +138,82 @@ __global__ void __launch_bounds__(kThreads) index_key_write_68_kernel(
         dst[index_key68::kScaleOffset + lane / 8] = ue8m0_of(scale);
 }
 
-__global__ void __launch_bounds__(kThreads) index_key_read_68_kernel(
+__global__ void __launch_bounds__(kThreads) index_key_write_132_kernel(
+    int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type, uint8_t* cache)
+{
+    int const lane = threadIdx.x % 32;
+    int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+    if (v >= n)
+        return;
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
+    float x[4];
+    float amax = 0.F;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+    {
+        x[i] = load_f(src, src_dtype, v * index_key132::kDim + lane * 4 + i);
+        amax = fmaxf(amax, fabsf(x[i]));
+    }
+    amax = warp_max(amax); // one scale per key (before a skipped row exits: every lane shuffles)
+    if (row < 0)
+        return;
+    float const scale = pow2_scale(amax, kFp8Max);
+    uint32_t w = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w |= uint32_t(e4m3_of(fminf(fmaxf(x[i] / scale, -kFp8Max), kFp8Max))) << (8 * i);
+    uint8_t* dst = cache + row * index_key132::kBytes;
+    *reinterpret_cast<uint32_t*>(dst + lane * 4) = w;
+    if (lane == 0)
+        *reinterpret_cast<float*>(dst + index_key132::kScaleOffset) = scale;
+}
+
+template <class Loader, int kDim>
+__global__ void __launch_bounds__(kThreads) index_key_read_kernel(
     int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out)
 {
     int const lane = threadIdx.x % 32;
     int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
-    if (v >= n || lane >= index_key68::kDim / 8)
+    if (v >= n || lane >= kDim / 8)
         return;
     int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
     float x[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
     if (row >= 0)
-        IndexKey68Loader{cache}.load8(row, lane * 8, x);
-    float4* o = reinterpret_cast<float4*>(out + v * index_key68::kDim + lane * 8);
+        Loader{cache}.load8(row, lane * 8, x);
+    float4* o = reinterpret_cast<float4*>(out + v * kDim + lane * 8);
     o[0] = make_float4(x[0], x[1], x[2], x[3]);
     o[1] = make_float4(x[4], x[5], x[6], x[7]);
 }
 
 } // namespace
 } // namespace detail
+
+cudaError_t index_key_write_132(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
+    uint8_t* cache, cudaStream_t stream)
+{
+    using namespace detail;
+    if (n < 0 || !is_float_dtype(src_dtype) || (n > 0 && (!src || !cache || !aligned(cache, 4)))
+        || (n + kWarps - 1) / kWarps > 0x7FFFFFFFLL)
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    HATRT_LAUNCH(index_key_write_132_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
+        n, src, src_dtype, slot, slot_type, cache);
+    return cudaGetLastError();
+}
+
+cudaError_t index_key_read_132(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream)
+{
+    using namespace detail;
+    if (n < 0 || (n > 0 && (!cache || !out || !aligned(cache, 4) || !aligned(out, 16))))
+        return cudaErrorInvalidValue;
+    if (n == 0)
+        return cudaSuccess;
+    HATRT_LAUNCH((index_key_read_kernel<IndexKey132Loader, index_key132::kDim>), unsigned((n + kWarps - 1) / kWarps),
+        kThreads, 0, stream)(n, cache, slot, slot_type, out);
+    return cudaGetLastError();
+}
 
 cudaError_t index_key_write_68(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
     uint8_t* cache, cudaStream_t stream)
@@ -178,8 +237,8 @@ cudaError_t index_key_read_68(int64_t n, uint8_t const* cache, void const* slot,
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    HATRT_LAUNCH(index_key_read_68_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
-        n, cache, slot, slot_type, out);
+    HATRT_LAUNCH((index_key_read_kernel<IndexKey68Loader, index_key68::kDim>), unsigned((n + kWarps - 1) / kWarps),
+        kThreads, 0, stream)(n, cache, slot, slot_type, out);
     return cudaGetLastError();
 }
 

@@ -702,7 +702,8 @@ cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream
     case DType::kEntry584:
         return launch(a, Entry584Loader{static_cast<uint8_t const*>(p.window_kv)},
             Entry584Loader{static_cast<uint8_t const*>(p.entries)}, tc, half, stream);
-    case DType::kIndexKey68: break; // refused by sparse_attention_check
+    case DType::kIndexKey68:
+    case DType::kIndexKey132: break; // refused by sparse_attention_check
     }
     return cudaErrorInvalidValue;
 }

@@ -38,6 +38,9 @@ enum class DType : int32_t
     //! Production indexer key: uint8 [..., 68] = 128 FP4 e2m1 values (MXFP4: 64 bytes, two per
     //! byte) + 4 ue8m0 scales (one per 32 values). Only for the keys of indexer_topk, Di == 128.
     kIndexKey68 = 4,
+    //! Indexer key, FP8 variant: uint8 [..., 132] = 128 FP8 e4m3 values + their fp32 power-of-two
+    //! scale (one per key). Only for the keys of indexer_topk, Di == 128.
+    kIndexKey132 = 5,
 };
 
 enum class IndexType : int32_t
@@ -69,6 +72,13 @@ constexpr int kNumScales = 4;   //!< kDim / kBlock
 constexpr int kScaleOffset = 64; //!< byte offset of the ue8m0 scales; value 2i is the low nibble of byte i
 constexpr int kBytes = 68;
 } // namespace index_key68
+
+namespace index_key132
+{
+constexpr int kDim = 128;         //!< Di: values per key
+constexpr int kScaleOffset = 128; //!< byte offset of the fp32 scale
+constexpr int kBytes = 132;
+} // namespace index_key132
 
 // ----------------------------------------------------------------------------- sparse attention
 //! HybridSparseAttention: one softmax over the sliding window and the selected compressed entries,
@@ -136,7 +146,7 @@ struct IndexerTopKParams
     DType q_dtype = DType::kFloat32;
     void const* weights = nullptr; //!< [B, S, Hi]
     DType weights_dtype = DType::kFloat32;
-    void const* keys = nullptr;    //!< [B, N, Di] (or [B, N, 68] bytes: kIndexKey68, Di == 128)
+    void const* keys = nullptr;    //!< [B, N, Di] (or [B, N, 68 | 132] bytes: kIndexKey68 / 132, Di == 128)
     DType keys_dtype = DType::kFloat32;
     void const* q_pos = nullptr;   //!< [B, S]
     IndexType q_pos_type = IndexType::kInt64;
@@ -151,7 +161,7 @@ struct IndexerTopKParams
     int32_t num_sms = 0;
 
     //! Score on tensor cores where it is exact (q bf16/fp16 with keys of the same type or packed
-    //! FP4, Di % 16 == 0, sm_80+): 16-bit products, fp32 accumulation. false: fp32 CUDA cores.
+    //! FP4/FP8, Di % 16 == 0, sm_80+): 16-bit products, fp32 accumulation. false: fp32 CUDA cores.
     bool tensor_cores = true;
 };
 
@@ -236,6 +246,15 @@ cudaError_t index_key_write_68(int64_t n, void const* src, DType src_dtype, void
     uint8_t* cache, cudaStream_t stream);
 //! Dequantize n 68-byte keys (rows slot[i], or i when slot is null) into float32 [n, 128].
 cudaError_t index_key_read_68(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream);
+
+//! Quantize n indexer keys of 128 values into 132-byte entries: FP8 e4m3 with one power-of-two
+//! scale per key, 2^ceil(log2(max(amax, 1e-4) / 448)), stored as fp32 after the 128 bytes. The
+//! dequantized key equals exporter.quant.fake_quant_fp8(x, block=128).
+cudaError_t index_key_write_132(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
+    uint8_t* cache, cudaStream_t stream);
+//! Dequantize n 132-byte keys (rows slot[i], or i when slot is null) into float32 [n, 128].
+cudaError_t index_key_read_132(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
     cudaStream_t stream);
 
 } // namespace hatrt
