@@ -1,8 +1,9 @@
 """The CUDA emulator (plugins/emu) and what runs on it without a GPU.
 
 - The emulator's self-test (plugins/emu/emu_selftest.cu): correct kernels give exact answers in
-  both thread orders; a missing __syncthreads, a shuffle with an exited lane, a barrier half the
-  block cannot reach, and shared memory beyond the opt-in limit are all exposed.
+  both thread orders, mma.sync follows the documented fragment layout; a missing __syncthreads, a
+  shuffle with an exited lane, a barrier half the block cannot reach, a misaligned vector load and
+  shared memory beyond the opt-in limit are all exposed.
 - The plugin harness with its GPU part on the emulator: every plugin created through its creator,
   configured, and enqueued on NaN-poisoned outputs; results equal the launchers bit for bit
   (needs the TensorRT headers, see docs/plugins.md).

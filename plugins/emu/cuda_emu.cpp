@@ -69,6 +69,7 @@ struct Block
     ucontext_t scheduler{};
     std::function<void()> const* body = nullptr;
     std::string error;
+    bool fault = false; // error is a device fault (misaligned access), not a deadlock
 };
 
 Block* g_block = nullptr;
@@ -292,6 +293,15 @@ unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes)
     return w.values[gen & 1U];
 }
 
+void fault(std::string const& what)
+{
+    Block& b = *g_block;
+    b.error = where(*b.current) + ": " + what;
+    b.fault = true;
+    yield(); // never resumed: the launch is abandoned
+    std::abort();
+}
+
 void* dynamic_smem()
 {
     return g_block->smem.data();
@@ -355,8 +365,9 @@ cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_sme
     g_block = nullptr;
     if (!ok)
     {
-        fail(cudaErrorLaunchFailure, b.error);
-        return cudaErrorLaunchFailure;
+        cudaError_t const err = b.fault ? cudaErrorMisalignedAddress : cudaErrorLaunchFailure;
+        fail(err, b.error);
+        return err;
     }
     return cudaSuccess;
 }
@@ -392,6 +403,7 @@ char const* CUDARTAPI cudaGetErrorName(cudaError_t error)
     case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     default: return "cudaError (emulated)";
     }
 }

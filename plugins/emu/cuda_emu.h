@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <type_traits>
 
 namespace hatrt
@@ -60,6 +61,8 @@ extern dim3 g_gridDim;
 cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_smem, std::function<void()> const& body);
 char const* last_error_message();
 void* dynamic_smem();
+//! A device-side fault in the running thread: the launch stops with cudaErrorMisalignedAddress.
+[[noreturn]] void fault(std::string const& what);
 
 //! Block-wide barrier; returns the reduction of `pred` over the block: 0 count, 1 and, 2 or.
 int block_barrier(int pred, int reduce);
@@ -268,9 +271,12 @@ inline float __saturatef(float x)
     return x < 0.F ? 0.F : (x > 1.F ? 1.F : x);
 }
 
+// A vector load must be naturally aligned on a GPU (a misaligned one faults): checked here.
 template <class T>
 T __ldg(T const* p)
 {
+    if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
+        ::hatrt::emu::fault("misaligned __ldg of a " + std::to_string(sizeof(T)) + "-byte value");
     return *p;
 }
 

@@ -120,6 +120,13 @@ __global__ void divergent_barrier(float* out)
     out[threadIdx.x] = v;
 }
 
+// BUG: a 16-byte vector load from an address that is only 4-byte aligned.
+__global__ void misaligned_load(float const* x, float* out)
+{
+    float4 const v = __ldg(reinterpret_cast<float4 const*>(x + 1));
+    out[threadIdx.x] = v.x;
+}
+
 __global__ void big_smem(float* out)
 {
     HATRT_DYNAMIC_SMEM(float, s);
@@ -254,6 +261,12 @@ int main()
     {
         HATRT_LAUNCH(divergent_barrier, 1, 64, 0, nullptr)(d);
         check(cudaGetLastError() == cudaErrorLaunchFailure, "a barrier half the block cannot reach fails the launch");
+    }
+    {
+        HATRT_LAUNCH(misaligned_load, 1, 32, 0, nullptr)(d, d);
+        cudaError_t const err = cudaGetLastError();
+        check(err == cudaErrorMisalignedAddress, "a misaligned vector load faults");
+        check(std::strstr(cudaGetErrorString(err), "misaligned") != nullptr, "... and says so");
     }
     {
         HATRT_LAUNCH(big_smem, 1, 64, 64 * 1024, nullptr)(d);
