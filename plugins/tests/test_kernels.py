@@ -405,6 +405,7 @@ ATTN_CASES = [
     (2, 3, 64, 512, 128, 200, 48, 128, BF16, "fp8", torch.int64, 0, True),     # production FP8 entries
     (1, 1, 128, 512, 128, 1000, 512, 128, BF16, "fp8", torch.int64, 0, True),  # V4-Pro-like decode
     (2, 5, 20, 512, 150, 90, 24, 128, BF16, "fp8", torch.int32, 0, False),     # prefill, H % 16 != 0, unsplit
+    (1, 2, 100, 512, 64, 50, 16, 128, BF16, "fp8", torch.int64, 0, True),      # 64-head blocks, H % 64 != 0
     (2, 2, 16, 512, 40, 0, 8, 16, BF16, "bf16", torch.int64, 0, True),         # window only, all idx -1
     (2, 2, 16, 64, 0, 0, 0, 128, F32, "f32", torch.int64, 0, True),            # nothing to attend: 0
     (2, 2, 16, 64, 32, 0, 8, 16, F32, "f32", torch.int64, 0, True),            # no entries, all idx -1

@@ -11,9 +11,10 @@
 // When B * S * head-groups is too small to fill the GPU the key list is split over blocks and a
 // second kernel merges the partial (max, sum, acc) triples with the sink (flash-decoding).
 // Two kernels behind one launcher:
-// - tensor cores (the production path: bf16/fp16 q, D == 512, sm_80+): 4 warps per (row, 16 heads,
-//   key split), tiles of 32 keys staged as 16-bit values; Q.K^T and P.V are mma.sync m16n8k16 with
-//   fp32 accumulation (plugins/csrc/mma.cuh), softmax in fp32. Each warp scores 8 keys of the tile
+// - tensor cores (the production path: bf16/fp16 q, D == 512, sm_80+): one block per (row, 64
+//   heads (16 when H < 64), key split), 4 warps per 16 heads; tiles of 32 keys staged once as 16-bit
+//   values for all the block's heads; Q.K^T and P.V are mma.sync m16n8k16 with fp32 accumulation
+//   (plugins/csrc/mma.cuh), softmax in fp32. Each warp scores 8 keys of the tile for its 16 heads
 //   and owns 128 of the 512 output dims. Keys from the FP8 entry are exact in bf16 (e4m3 times a
 //   power of two; RoPE dims are bf16), so the only roundings are P (and fp16/fp32 KV) to 16 bits.
 // - CUDA cores (fp32 q, other D, sm < 80, or tensor_cores == false): fp32 throughout, exp2 with
@@ -300,7 +301,9 @@ __global__ void __launch_bounds__(128) sparse_attention_combine_kernel(SaArgs a)
 }
 
 // ----------------------------------------------------------------------------- tensor-core kernel
-constexpr int kTcThreads = 128;              // 4 warps
+// A block holds kGroups groups of 16 heads (kGroups = 4 when H >= 64: the 64 heads of V4-Flash, or
+// half of V4-Pro's 128, share one staged key tile, so the FP8 dequantization is done once for all
+// of them), with 4 warps per group.
 constexpr int kTcKeys = 32;                  // keys per tile: 8 per warp in Q.K^T
 constexpr int kTcD = 512;                    // entry / head width of this kernel
 constexpr int kTcPitch = kTcD + 8;           // 16-bit elements per staged row: conflict-free fragments
@@ -308,10 +311,11 @@ constexpr int kTcPPitch = kTcKeys + 8;
 constexpr int kTcDimsPerWarp = kTcD / 4;     // output dims per warp in P.V
 constexpr int kTcNT = kTcDimsPerWarp / 8;    // 8-wide n-tiles per warp
 
-size_t tc_smem_bytes()
+size_t tc_smem_bytes(int groups)
 {
-    return sizeof(uint16_t) * (size_t(kHeads) * kTcPitch + size_t(kTcKeys) * kTcPitch + size_t(kHeads) * kTcPPitch)
-        + sizeof(float) * 4 * kHeads;
+    int const heads = groups * kHeads;
+    return sizeof(uint16_t) * (size_t(heads) * kTcPitch + size_t(kTcKeys) * kTcPitch + size_t(heads) * kTcPPitch)
+        + sizeof(float) * 4 * heads;
 }
 
 template <bool kHalf>
@@ -328,29 +332,32 @@ __device__ __forceinline__ uint32_t lds32(uint16_t const* p)
     return *reinterpret_cast<uint32_t const*>(p);
 }
 
-template <bool kHalf, class Loader>
-__global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs a, Loader win, Loader ent)
+template <int kGroups, bool kHalf, class Loader>
+__global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaArgs a, Loader win, Loader ent)
 {
+    constexpr int kThreadsTc = 128 * kGroups;
+    constexpr int kBlockHeads = kHeads * kGroups;
     HATRT_DYNAMIC_SMEM(float4, smem4);
-    uint16_t* sq = reinterpret_cast<uint16_t*>(smem4);                // [16 heads][kTcPitch]
-    uint16_t* skv = sq + kHeads * kTcPitch;                            // [32 keys][kTcPitch]
-    uint16_t* sp = skv + kTcKeys * kTcPitch;                           // [16 heads][kTcPPitch]
-    float* sred = reinterpret_cast<float*>(sp + kHeads * kTcPPitch);  // [4 warps][16 heads]
+    uint16_t* sq = reinterpret_cast<uint16_t*>(smem4);                     // [heads][kTcPitch]
+    uint16_t* skv = sq + kBlockHeads * kTcPitch;                            // [32 keys][kTcPitch]
+    uint16_t* sp = skv + kTcKeys * kTcPitch;                                // [heads][kTcPPitch]
+    float* sred = reinterpret_cast<float*>(sp + kBlockHeads * kTcPPitch);  // [groups][4 warps][16 heads]
     __shared__ int64_t s_row[kTcKeys];
     __shared__ int s_ent[kTcKeys];
 
-    int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
+    int const tid = threadIdx.x, lane = tid % 32, g = lane / 4, t = lane % 4;
+    int const group = tid / 128, warp = (tid / 32) % 4; // this warp's 16-head group, its place in it
     int64_t const row = blockIdx.x;
-    int const h0 = blockIdx.y * kHeads;
+    int const h0 = blockIdx.y * kBlockHeads + group * kHeads; // first head of this warp's group
     int const split = blockIdx.z;
     int64_t const b = row / a.S;
     int64_t const qt = load_idx(a.q_pos, a.q_pos_type, row);
 
     // q (16-bit, exact: q is bf16/fp16); heads beyond H are zero rows whose results are dropped
-    for (int i = tid; i < kHeads * (kTcD / 2); i += kTcThreads)
+    for (int i = tid; i < kBlockHeads * (kTcD / 2); i += kThreadsTc)
     {
         int const hh = i / (kTcD / 2), d = 2 * (i % (kTcD / 2));
-        int const h = h0 + hh;
+        int const h = blockIdx.y * kBlockHeads + hh;
         float v0 = 0.F, v1 = 0.F;
         if (h < a.H)
         {
@@ -374,6 +381,9 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
     int64_t const tile_end = min(n_tiles, tile_begin + a.tiles_per_split);
     int const key0 = warp * 8;      // this warp's keys in Q.K^T
     int const dim0 = warp * kTcDimsPerWarp; // this warp's output dims in P.V
+    uint16_t const* gq = sq + group * kHeads * kTcPitch; // the group's q rows
+    uint16_t* gp = sp + group * kHeads * kTcPPitch;      // the group's probability rows
+    float* gred = sred + group * 4 * kHeads;             // the group's [4 warps][16 heads] exchange
 
     for (int64_t tile = tile_begin; tile < tile_end; ++tile)
     {
@@ -406,7 +416,7 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
             continue; // no valid key in this tile: nothing to read or add
 
         // stage the keys as 16-bit values; invalid keys are zero so P.V never meets stale data
-        for (int i = tid; i < kTcKeys * (kTcD / 8); i += kTcThreads)
+        for (int i = tid; i < kTcKeys * (kTcD / 8); i += kThreadsTc)
         {
             int const k = i / (kTcD / 8), c = i % (kTcD / 8);
             float v[8];
@@ -438,8 +448,8 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
 #pragma unroll 4
         for (int k0 = 0; k0 < kTcD; k0 += 16)
         {
-            uint32_t const af[4] = {lds32(sq + g * kTcPitch + k0 + 2 * t), lds32(sq + (g + 8) * kTcPitch + k0 + 2 * t),
-                lds32(sq + g * kTcPitch + k0 + 2 * t + 8), lds32(sq + (g + 8) * kTcPitch + k0 + 2 * t + 8)};
+            uint32_t const af[4] = {lds32(gq + g * kTcPitch + k0 + 2 * t), lds32(gq + (g + 8) * kTcPitch + k0 + 2 * t),
+                lds32(gq + g * kTcPitch + k0 + 2 * t + 8), lds32(gq + (g + 8) * kTcPitch + k0 + 2 * t + 8)};
             uint32_t const bf[2]
                 = {lds32(skv + (key0 + g) * kTcPitch + k0 + 2 * t), lds32(skv + (key0 + g) * kTcPitch + k0 + 2 * t + 8)};
             mma_16816<kHalf>(s, af, bf);
@@ -459,8 +469,8 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
         }
         if (t == 0)
         {
-            sred[warp * kHeads + g] = mx[0];
-            sred[warp * kHeads + g + 8] = mx[1];
+            gred[warp * kHeads + g] = mx[0];
+            gred[warp * kHeads + g + 8] = mx[1];
         }
         __syncthreads();
         float alpha[2];
@@ -468,14 +478,14 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
         for (int r = 0; r < 2; ++r)
         {
             int const hh = g + 8 * r;
-            float const tmax = fmaxf(fmaxf(sred[hh], sred[kHeads + hh]), fmaxf(sred[2 * kHeads + hh], sred[3 * kHeads + hh]));
+            float const tmax = fmaxf(fmaxf(gred[hh], gred[kHeads + hh]), fmaxf(gred[2 * kHeads + hh], gred[3 * kHeads + hh]));
             float const m_new = fmaxf(m_run[r], tmax);
             alpha[r] = m_new == -INFINITY ? 1.F : exp2f(m_run[r] - m_new);
             float const p0 = m_new == -INFINITY ? 0.F : exp2f(s[2 * r] - m_new);
             float const p1 = m_new == -INFINITY ? 0.F : exp2f(s[2 * r + 1] - m_new);
             l_part[r] = l_part[r] * alpha[r] + p0 + p1;
             m_run[r] = m_new;
-            *reinterpret_cast<uint32_t*>(sp + hh * kTcPPitch + key0 + 2 * t) = pack16(to16<kHalf>(p0), to16<kHalf>(p1));
+            *reinterpret_cast<uint32_t*>(gp + hh * kTcPPitch + key0 + 2 * t) = pack16(to16<kHalf>(p0), to16<kHalf>(p1));
         }
         __syncthreads(); // P complete
 
@@ -491,8 +501,8 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
 #pragma unroll
         for (int ks = 0; ks < kTcKeys; ks += 16)
         {
-            uint32_t const af[4] = {lds32(sp + g * kTcPPitch + ks + 2 * t), lds32(sp + (g + 8) * kTcPPitch + ks + 2 * t),
-                lds32(sp + g * kTcPPitch + ks + 2 * t + 8), lds32(sp + (g + 8) * kTcPPitch + ks + 2 * t + 8)};
+            uint32_t const af[4] = {lds32(gp + g * kTcPPitch + ks + 2 * t), lds32(gp + (g + 8) * kTcPPitch + ks + 2 * t),
+                lds32(gp + g * kTcPPitch + ks + 2 * t + 8), lds32(gp + (g + 8) * kTcPPitch + ks + 2 * t + 8)};
 #pragma unroll
             for (int j = 0; j < kTcNT; ++j)
             {
@@ -513,8 +523,8 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
     __syncthreads();
     if (t == 0)
     {
-        sred[warp * kHeads + g] = l_part[0];
-        sred[warp * kHeads + g + 8] = l_part[1];
+        gred[warp * kHeads + g] = l_part[0];
+        gred[warp * kHeads + g + 8] = l_part[1];
     }
     __syncthreads();
 #pragma unroll
@@ -525,7 +535,7 @@ __global__ void __launch_bounds__(kTcThreads) sparse_attention_tc_kernel(SaArgs 
         if (h >= a.H)
             continue;
         float const m = m_run[r];
-        float const l = sred[hh] + sred[kHeads + hh] + sred[2 * kHeads + hh] + sred[3 * kHeads + hh];
+        float const l = gred[hh] + gred[kHeads + hh] + gred[2 * kHeads + hh] + gred[3 * kHeads + hh];
         if (a.splits == 1)
         {
             float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
@@ -566,6 +576,25 @@ int tile_keys(bool tensor_cores)
     return tensor_cores ? kTcKeys : kTile;
 }
 
+//! 16-head groups per block: 4 (64 heads share a staged key tile) when there are that many heads.
+int head_groups(bool tensor_cores, int64_t H)
+{
+    return tensor_cores && H >= 4 * kHeads ? 4 : 1;
+}
+
+template <int kGroups, class Loader>
+cudaError_t launch_tc(SaArgs const& a, Loader win, Loader ent, bool half, cudaStream_t stream)
+{
+    dim3 grid(unsigned(a.rows), unsigned((a.H + kGroups * kHeads - 1) / (kGroups * kHeads)), unsigned(a.splits));
+    size_t const smem = tc_smem_bytes(kGroups);
+    auto kernel = half ? sparse_attention_tc_kernel<kGroups, true, Loader> : sparse_attention_tc_kernel<kGroups, false, Loader>;
+    cudaError_t const err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess)
+        return err;
+    HATRT_LAUNCH(kernel, grid, 128 * kGroups, smem, stream)(a, win, ent);
+    return cudaSuccess;
+}
+
 template <class Loader>
 cudaError_t launch(SaArgs const& a, Loader win, Loader ent, bool tensor_cores, bool half, cudaStream_t stream)
 {
@@ -573,12 +602,9 @@ cudaError_t launch(SaArgs const& a, Loader win, Loader ent, bool tensor_cores, b
     cudaError_t err = cudaSuccess;
     if (tensor_cores)
     {
-        size_t const smem = tc_smem_bytes();
-        auto kernel = half ? sparse_attention_tc_kernel<true, Loader> : sparse_attention_tc_kernel<false, Loader>;
-        err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+        err = head_groups(true, a.H) == 4 ? launch_tc<4>(a, win, ent, half, stream) : launch_tc<1>(a, win, ent, half, stream);
         if (err != cudaSuccess)
             return err;
-        HATRT_LAUNCH(kernel, grid, kTcThreads, smem, stream)(a, win, ent);
     }
     else
     {
@@ -639,7 +665,7 @@ size_t sparse_attention_workspace_bytes(int32_t H, int32_t D, int32_t num_sms)
 {
     // Splits are used only while rows * head-groups < 2 * SMs, with splits * blocks <= 4 * SMs.
     int const sms = detail::device_num_sms(num_sms);
-    int const hpb = H < detail::kHeads ? H : detail::kHeads;
+    int const hpb = H < 4 * detail::kHeads ? H : 4 * detail::kHeads; // heads per block, at most
     return size_t(4) * sms * hpb * (size_t(D) + 2) * sizeof(float) + 256;
 }
 
@@ -664,7 +690,8 @@ cudaError_t sparse_attention(SparseAttentionParams const& p, cudaStream_t stream
     // Key splits (flash-decoding) when the grid would not fill the GPU.
     bool const tc = use_tensor_cores(p);
     int64_t const n_tiles = (p.L + p.K + tile_keys(tc) - 1) / tile_keys(tc);
-    int64_t const blocks = rows * ((p.H + kHeads - 1) / kHeads);
+    int const block_heads = kHeads * head_groups(tc, p.H);
+    int64_t const blocks = rows * ((p.H + block_heads - 1) / block_heads);
     int const sms = device_num_sms(p.num_sms);
     int64_t splits = 1;
     if (blocks < 2 * sms && n_tiles > 1)
