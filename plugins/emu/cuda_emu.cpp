@@ -2,8 +2,12 @@
 // only at barriers) and the few CUDA runtime calls the launchers, plugins and harness make.
 // Single-threaded by design: one block runs at a time, so __shared__ statics and atomics need no
 // locking. Errors are sticky until cudaGetLastError() reads them, as on a device.
+// Fibers switch with _setjmp/_longjmp (no signal-mask system call, unlike swapcontext); ucontext
+// only starts them. glibc's fortified longjmp refuses jumps between stacks, hence the #undef.
+#undef _FORTIFY_SOURCE
 #include "cuda_emu.h"
 
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -43,7 +47,9 @@ enum class State
 
 struct Fiber
 {
-    ucontext_t ctx{};
+    ucontext_t ctx{}; // only to start the fiber
+    jmp_buf env{};    // where it continues
+    bool started = false;
     void* stack = nullptr;
     State state = State::kRunnable;
     uint3 tid{};
@@ -66,7 +72,8 @@ struct Block
     int barrier_result = 0;
     int reduce = 0;
     Fiber* current = nullptr;
-    ucontext_t scheduler{};
+    ucontext_t scheduler{}; // only for the first switch into a fiber
+    jmp_buf sched_env{};
     std::function<void()> const* body = nullptr;
     std::string error;
     bool fault = false; // error is a device fault (misaligned access), not a deadlock
@@ -100,13 +107,31 @@ void fiber_main()
     Block& b = *g_block;
     (*b.body)();
     b.current->state = State::kDone;
-    // uc_link returns to the scheduler
+    _longjmp(b.sched_env, 1); // never returns through uc_link
 }
 
 void yield()
 {
     Block& b = *g_block;
-    swapcontext(&b.current->ctx, &b.scheduler);
+    if (_setjmp(b.current->env) == 0)
+        _longjmp(b.sched_env, 1);
+}
+
+//! Run fiber f until it yields or finishes. Its own frame, so that no local of the scheduler loop
+//! lives across the _setjmp.
+__attribute__((noinline)) void resume(Block& b, Fiber& f)
+{
+    b.current = &f;
+    g_threadIdx = f.tid;
+    if (_setjmp(b.sched_env) != 0)
+        return;
+    if (!f.started)
+    {
+        f.started = true;
+        swapcontext(&b.scheduler, &f.ctx);
+    }
+    else
+        _longjmp(f.env, 1);
 }
 
 unsigned linear(uint3 t)
@@ -195,6 +220,7 @@ bool run_block(Block& b, bool reverse)
         Fiber& f = b.fibers[i];
         f.state = State::kRunnable;
         f.pred = 0;
+        f.started = false;
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = kStackBytes;
@@ -209,9 +235,7 @@ bool run_block(Block& b, bool reverse)
             Fiber& f = b.fibers[reverse ? n - 1 - k : k];
             if (f.state != State::kRunnable)
                 continue;
-            b.current = &f;
-            g_threadIdx = f.tid;
-            swapcontext(&b.scheduler, &f.ctx);
+            resume(b, f);
             ran = true;
             if (!b.error.empty())
                 return false;
