@@ -9,8 +9,9 @@
 #   4. a small benchmark (plugins/bench/bench_kernels.py) with the card's copy bandwidth / matmul rate.
 # Everything is logged under $OUT (the device tool's output folder) or build/gpu_check.
 #
-#   bash scripts/gpu_check.sh            # full
-#   QUICK=1 bash scripts/gpu_check.sh    # smaller benchmark
+#   bash scripts/gpu_check.sh                     # full
+#   QUICK=1 bash scripts/gpu_check.sh             # smaller benchmark
+#   SANITIZE=1 QUICK=1 bash scripts/gpu_check.sh  # + compute-sanitizer racecheck/memcheck (slow)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-build/gpu_check}"
@@ -55,6 +56,21 @@ else
   timeout 300 "$PY" plugins/tests/test_kernels.py 2>&1 | tee "$OUT_DIR/tests.txt"
 fi
 [ "${PIPESTATUS[0]}" = 0 ] || status=1
+
+if [ -n "${SANITIZE:-}" ]; then
+  # what the CPU emulator cannot see: shared-memory races (racecheck) and out-of-bounds or
+  # misaligned accesses (memcheck), on the small cases
+  step "compute-sanitizer racecheck + memcheck (small cases)"
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in racecheck memcheck; do
+      HATRT_KERNEL_CASES=small timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+        "$PY" plugins/tests/test_kernels.py 2>&1 | tail -15 | tee "$OUT_DIR/sanitizer_$tool.txt"
+      [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+  else
+    echo "skipped: compute-sanitizer not found"
+  fi
+fi
 
 step "plugin harness (creators + enqueue, no TensorRT builder)"
 if [ -x build/plugins_gpu/hatrt_plugin_harness ]; then

@@ -263,8 +263,14 @@ INDEXER_CASES = [
 ]
 
 
+# HATRT_KERNEL_CASES=small keeps the cheap cases only (for compute-sanitizer runs, which are slow).
+SMALL = os.environ.get("HATRT_KERNEL_CASES") == "small"
+
+
 def _indexer_runs():
     for case in INDEXER_CASES:
+        if SMALL and case[4] > 3000:
+            continue
         yield case, True
         if case[8] != F32 and case[3] % 16 == 0:
             yield case, False  # the same case on CUDA cores
@@ -442,6 +448,8 @@ def _pack_fp8(ext, x):
 
 def _attn_runs():
     for case in ATTN_CASES:
+        if SMALL and case[5] > 300:
+            continue
         yield case, True
         if case[8] != F32 and case[3] == 512:
             yield case, False  # the same case on the CUDA-core kernel
