@@ -185,11 +185,47 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits)
 // A loader reads 8 consecutive values [d0, d0 + 8) of one KV row as fp32. The sparse-attention
 // kernel is one template over the loader: plain [.., D] tensors (the ONNX contract) or the
 // production 584-byte FP8 entry.
+// For the tensor-core kernel, which copies whole rows into shared memory asynchronously and
+// decodes them there, a loader also gives the row's bytes (row_bytes, row_ptr), the widest copy
+// its alignment allows (kPiece), and decode8: load8 from a row already in shared memory.
 template <typename T>
 struct PlainLoader
 {
     T const* base;
     int32_t D;
+
+    static constexpr int kPiece = 16; // rows are 16-byte aligned: D % 8 == 0, base 16-byte aligned
+
+    __host__ __device__ static constexpr int row_bytes(int dim)
+    {
+        return dim * int(sizeof(T));
+    }
+
+    __device__ __forceinline__ uint8_t const* row_ptr(int64_t row) const
+    {
+        return reinterpret_cast<uint8_t const*>(base + row * D);
+    }
+
+    __device__ __forceinline__ static void decode8(uint8_t const* row, int d0, float (&v)[8])
+    {
+        T const* p = reinterpret_cast<T const*>(row) + d0;
+        if constexpr (sizeof(T) == 4)
+        {
+            float4 const a = reinterpret_cast<float4 const*>(p)[0], b = reinterpret_cast<float4 const*>(p)[1];
+            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+        }
+        else
+        {
+            uint4 const raw = *reinterpret_cast<uint4 const*>(p);
+            uint32_t const w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                v[2 * i] = half_bits_to_float<T>(w[i] & 0xFFFFu);
+                v[2 * i + 1] = half_bits_to_float<T>(w[i] >> 16);
+            }
+        }
+    }
 
     __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
     {
@@ -217,6 +253,45 @@ struct PlainLoader
 struct Entry584Loader
 {
     uint8_t const* base;
+
+    static constexpr int kPiece = 8; // 584 = 8 * 73
+
+    __host__ __device__ static constexpr int row_bytes(int /*dim*/)
+    {
+        return entry584::kBytes;
+    }
+
+    __device__ __forceinline__ uint8_t const* row_ptr(int64_t row) const
+    {
+        return base + row * entry584::kBytes;
+    }
+
+    __device__ __forceinline__ static void decode8(uint8_t const* e, int d0, float (&v)[8])
+    {
+        if (d0 < entry584::kNope)
+        {
+            uint2 const raw = *reinterpret_cast<uint2 const*>(e + d0);
+            float const s = ue8m0_value(e[entry584::kScaleOffset + d0 / entry584::kBlock]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                v[i] = e4m3_value(uint8_t(raw.x >> (8 * i))) * s;
+                v[4 + i] = e4m3_value(uint8_t(raw.y >> (8 * i))) * s;
+            }
+        }
+        else
+        {
+            uint2 const* p = reinterpret_cast<uint2 const*>(e + entry584::kRopeOffset + 2 * (d0 - entry584::kNope));
+            uint2 const r0 = p[0], r1 = p[1];
+            uint32_t const w[4] = {r0.x, r0.y, r1.x, r1.y};
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+            {
+                v[2 * i] = __uint_as_float(w[i] << 16);
+                v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+            }
+        }
+    }
 
     __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
     {

@@ -56,6 +56,13 @@ struct Fiber
     int pred = 0;             // block barrier contribution
     unsigned mask = 0;        // warp barrier mask
     unsigned generation = 0;  // warp barrier generation the lane waits on
+    struct Copy
+    {
+        void* dst;
+        void const* src;
+        size_t bytes;
+    };
+    std::vector<Copy> pending; // cp.async copies not waited for yet
 };
 
 struct Warp
@@ -106,6 +113,7 @@ void fiber_main()
 {
     Block& b = *g_block;
     (*b.body)();
+    async_wait_all(); // copies still in flight land anyway
     b.current->state = State::kDone;
     _longjmp(b.sched_env, 1); // never returns through uc_link
 }
@@ -221,6 +229,7 @@ bool run_block(Block& b, bool reverse)
         f.state = State::kRunnable;
         f.pred = 0;
         f.started = false;
+        f.pending.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack;
         f.ctx.uc_stack.ss_size = kStackBytes;
@@ -324,6 +333,21 @@ void fault(std::string const& what)
     b.fault = true;
     yield(); // never resumed: the launch is abandoned
     std::abort();
+}
+
+void async_copy(void* smem, void const* gmem, size_t bytes)
+{
+    if (reinterpret_cast<uintptr_t>(smem) % bytes != 0 || reinterpret_cast<uintptr_t>(gmem) % bytes != 0)
+        fault("misaligned cp.async of " + std::to_string(bytes) + " bytes");
+    g_block->current->pending.push_back(Fiber::Copy{smem, gmem, bytes});
+}
+
+void async_wait_all()
+{
+    Fiber& f = *g_block->current;
+    for (Fiber::Copy const& c : f.pending)
+        std::memcpy(c.dst, c.src, c.bytes);
+    f.pending.clear();
 }
 
 void* dynamic_smem()

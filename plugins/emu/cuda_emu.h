@@ -63,6 +63,10 @@ char const* last_error_message();
 void* dynamic_smem();
 //! A device-side fault in the running thread: the launch stops with cudaErrorMisalignedAddress.
 [[noreturn]] void fault(std::string const& what);
+//! cp.async: queued per thread (addresses checked for alignment), performed when the thread waits
+//! (async_wait_all) or exits.
+void async_copy(void* smem, void const* gmem, size_t bytes);
+void async_wait_all();
 
 //! Block-wide barrier; returns the reduction of `pred` over the block: 0 count, 1 and, 2 or.
 int block_barrier(int pred, int reduce);

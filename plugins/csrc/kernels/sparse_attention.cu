@@ -15,11 +15,13 @@
 //   heads (16 when H < 64), key split), 4 warps per 16 heads; tiles of 32 keys staged once as 16-bit
 //   values for all the block's heads; Q.K^T and P.V are mma.sync m16n8k16 with fp32 accumulation
 //   (plugins/csrc/mma.cuh), softmax in fp32. Each warp scores 8 keys of the tile for its 16 heads
-//   and owns 128 of the 512 output dims. Keys from the FP8 entry are exact in bf16 (e4m3 times a
+//   and owns 128 of the 512 output dims. Software-pipelined: the next tile's rows are copied as
+//   stored (cp.async, plugins/csrc/async_copy.cuh) while the block computes on the current one. Keys from the FP8 entry are exact in bf16 (e4m3 times a
 //   power of two; RoPE dims are bf16), so the only roundings are P (and fp16/fp32 KV) to 16 bits.
 // - CUDA cores (fp32 q, other D, sm < 80, or tensor_cores == false): fp32 throughout, exp2 with
 //   the scale folded into q; it is also the 1e-5 reference the fp32 tests hold the op to.
 // wgmma (sm_90a) is the next step for the tensor-core kernel, see docs/plugins.md.
+#include "../async_copy.cuh"
 #include "../mma.cuh"
 
 #include <cmath>
@@ -311,11 +313,12 @@ constexpr int kTcPPitch = kTcKeys + 8;
 constexpr int kTcDimsPerWarp = kTcD / 4;     // output dims per warp in P.V
 constexpr int kTcNT = kTcDimsPerWarp / 8;    // 8-wide n-tiles per warp
 
-size_t tc_smem_bytes(int groups)
+//! q, the staged keys, P, the reductions, then the raw rows of the next tile (raw_row_bytes each).
+size_t tc_smem_bytes(int groups, int raw_row_bytes)
 {
     int const heads = groups * kHeads;
     return sizeof(uint16_t) * (size_t(heads) * kTcPitch + size_t(kTcKeys) * kTcPitch + size_t(heads) * kTcPPitch)
-        + sizeof(float) * 4 * heads;
+        + sizeof(float) * 4 * heads + size_t(kTcKeys) * raw_row_bytes;
 }
 
 template <bool kHalf>
@@ -337,13 +340,18 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
 {
     constexpr int kThreadsTc = 128 * kGroups;
     constexpr int kBlockHeads = kHeads * kGroups;
+    constexpr int kRaw = Loader::row_bytes(kTcD);      // bytes of one KV row as stored
+    constexpr int kPieces = kRaw / Loader::kPiece;     // asynchronous copies per row
     HATRT_DYNAMIC_SMEM(float4, smem4);
     uint16_t* sq = reinterpret_cast<uint16_t*>(smem4);                     // [heads][kTcPitch]
     uint16_t* skv = sq + kBlockHeads * kTcPitch;                            // [32 keys][kTcPitch]
     uint16_t* sp = skv + kTcKeys * kTcPitch;                                // [heads][kTcPPitch]
     float* sred = reinterpret_cast<float*>(sp + kBlockHeads * kTcPPitch);  // [groups][4 warps][16 heads]
-    __shared__ int64_t s_row[kTcKeys];
-    __shared__ int s_ent[kTcKeys];
+    uint8_t* sraw = reinterpret_cast<uint8_t*>(sred + 4 * kBlockHeads);     // [32 keys][kRaw]: next tile, as stored
+    // key-tile metadata, double-buffered: source row (-1: invalid key), window/entry, valid count
+    __shared__ int64_t s_row[2][kTcKeys];
+    __shared__ int s_ent[2][kTcKeys];
+    __shared__ int s_valid[2];
 
     int const tid = threadIdx.x, lane = tid % 32, g = lane / 4, t = lane % 4;
     int const group = tid / 128, warp = (tid / 32) % 4; // this warp's 16-head group, its place in it
@@ -385,63 +393,81 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
     uint16_t* gp = sp + group * kHeads * kTcPPitch;      // the group's probability rows
     float* gred = sred + group * 4 * kHeads;             // the group's [4 warps][16 heads] exchange
 
+    // Software pipeline: while the block computes on tile t (staged in skv), the raw rows of tile
+    // t + 1 are on their way into sraw (cp.async); the first warp works out tile t + 2's rows.
+    auto tile_meta = [&](int64_t tile, int slot) { // first warp only
+        int64_t const j = tile * kTcKeys + lane;
+        int64_t src = -1;
+        int is_ent = 0;
+        if (j < a.L)
+        {
+            int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
+            int64_t const dist = qt - pos;
+            if (pos >= 0 && dist >= 0 && dist < a.window)
+                src = b * a.L + j;
+        }
+        else if (j < n_keys)
+        {
+            int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
+            if (idx >= 0 && idx < a.N)
+                src = b * a.N + idx;
+            is_ent = 1;
+        }
+        s_row[slot][lane] = src;
+        s_ent[slot][lane] = is_ent;
+        unsigned const valid = __ballot_sync(0xFFFFFFFFu, src >= 0);
+        if (lane == 0)
+            s_valid[slot] = __popc(valid);
+    };
+    auto fetch = [&](int slot) { // every thread: copy the valid rows of a tile as stored
+        for (int i = tid; i < kTcKeys * kPieces; i += kThreadsTc)
+        {
+            int const k = i / kPieces, c = i - k * kPieces;
+            int64_t const src = s_row[slot][k];
+            if (src >= 0)
+                cp_async<Loader::kPiece>(sraw + k * kRaw + c * Loader::kPiece,
+                    (s_ent[slot][k] ? ent : win).row_ptr(src) + c * Loader::kPiece);
+        }
+        cp_async_commit();
+    };
+    if (tile_begin < tile_end)
+    {
+        if (tid < 32)
+            tile_meta(tile_begin, 0);
+        __syncthreads();
+        fetch(0);
+    }
+
     for (int64_t tile = tile_begin; tile < tile_end; ++tile)
     {
-        __syncthreads(); // the previous tile's keys and probabilities are consumed
-        int valid = 0;
-        if (tid < kTcKeys)
+        int const buf = int((tile - tile_begin) & 1);
+        cp_async_wait_all();
+        __syncthreads(); // this tile's rows landed; the previous tile is consumed (skv, sp, its metadata)
+        if (tid < 32 && tile + 1 < tile_end)
+            tile_meta(tile + 1, buf ^ 1);
+        bool const any = s_valid[buf] > 0; // uniform
+        if (any)
         {
-            int64_t const j = tile * kTcKeys + tid;
-            int64_t src = -1;
-            int is_ent = 0;
-            if (j < a.L)
+            // decode to 16-bit values; invalid keys are zero so P.V never meets stale data
+            for (int i = tid; i < kTcKeys * (kTcD / 8); i += kThreadsTc)
             {
-                int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
-                int64_t const dist = qt - pos;
-                if (pos >= 0 && dist >= 0 && dist < a.window)
-                    src = b * a.L + j;
+                int const k = i / (kTcD / 8), c = i % (kTcD / 8);
+                float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
+                if (s_row[buf][k] >= 0)
+                    Loader::decode8(sraw + k * kRaw, c * 8, v);
+                uint4 packed;
+                packed.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
+                packed.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
+                packed.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
+                packed.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
+                *reinterpret_cast<uint4*>(skv + k * kTcPitch + c * 8) = packed;
             }
-            else if (j < n_keys)
-            {
-                int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
-                if (idx >= 0 && idx < a.N)
-                    src = b * a.N + idx;
-                is_ent = 1;
-            }
-            s_row[tid] = src;
-            s_ent[tid] = is_ent;
-            valid = src >= 0;
         }
-        if (!__syncthreads_or(valid))
-            continue; // no valid key in this tile: nothing to read or add
-
-        // stage the keys as 16-bit values; invalid keys are zero so P.V never meets stale data
-        for (int i = tid; i < kTcKeys * (kTcD / 8); i += kThreadsTc)
-        {
-            int const k = i / (kTcD / 8), c = i % (kTcD / 8);
-            float v[8];
-            int64_t const src = s_row[k];
-            if (src >= 0)
-            {
-                if (s_ent[k])
-                    ent.load8(src, c * 8, v);
-                else
-                    win.load8(src, c * 8, v);
-            }
-            else
-            {
-#pragma unroll
-                for (int e = 0; e < 8; ++e)
-                    v[e] = 0.F;
-            }
-            uint4 packed;
-            packed.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
-            packed.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
-            packed.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
-            packed.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
-            *reinterpret_cast<uint4*>(skv + k * kTcPitch + c * 8) = packed;
-        }
-        __syncthreads();
+        __syncthreads(); // skv holds this tile; sraw is free; the next tile's metadata is visible
+        if (tile + 1 < tile_end)
+            fetch(buf ^ 1);
+        if (!any)
+            continue; // no valid key in this tile: nothing to add
 
         // S[16 heads][8 keys of this warp] = Q K^T
         float s[4] = {0.F, 0.F, 0.F, 0.F};
@@ -455,7 +481,7 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
             mma_16816<kHalf>(s, af, bf);
         }
         // s[0], s[1]: head g, keys key0 + 2t, +1; s[2], s[3]: head g + 8, same keys
-        bool const ok0 = s_row[key0 + 2 * t] >= 0, ok1 = s_row[key0 + 2 * t + 1] >= 0;
+        bool const ok0 = s_row[buf][key0 + 2 * t] >= 0, ok1 = s_row[buf][key0 + 2 * t + 1] >= 0;
         s[0] = ok0 ? s[0] * a.scale_log2 : -INFINITY;
         s[1] = ok1 ? s[1] * a.scale_log2 : -INFINITY;
         s[2] = ok0 ? s[2] * a.scale_log2 : -INFINITY;
@@ -586,7 +612,7 @@ template <int kGroups, class Loader>
 cudaError_t launch_tc(SaArgs const& a, Loader win, Loader ent, bool half, cudaStream_t stream)
 {
     dim3 grid(unsigned(a.rows), unsigned((a.H + kGroups * kHeads - 1) / (kGroups * kHeads)), unsigned(a.splits));
-    size_t const smem = tc_smem_bytes(kGroups);
+    size_t const smem = tc_smem_bytes(kGroups, Loader::row_bytes(kTcD));
     auto kernel = half ? sparse_attention_tc_kernel<kGroups, true, Loader> : sparse_attention_tc_kernel<kGroups, false, Loader>;
     cudaError_t const err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess)
