@@ -182,12 +182,22 @@ __device__ __forceinline__ float half_bits_to_float(uint32_t bits)
         return __uint_as_float(bits << 16); // bfloat16 -> float is exact
 }
 
-// A loader reads 8 consecutive values [d0, d0 + 8) of one KV row as fp32. The sparse-attention
-// kernel is one template over the loader: plain [.., D] tensors (the ONNX contract) or the
-// production 584-byte FP8 entry.
-// For the tensor-core kernel, which copies whole rows into shared memory asynchronously and
-// decodes them there, a loader also gives the row's bytes (row_bytes, row_ptr), the widest copy
-// its alignment allows (kPiece), and decode8: load8 from a row already in shared memory.
+//! A load through the read-only data cache (global memory) or a plain one (shared memory).
+template <bool kGlobal, typename T>
+__device__ __forceinline__ T ld(T const* p)
+{
+    if constexpr (kGlobal)
+        return __ldg(p);
+    else
+        return *p;
+}
+
+// A loader reads 8 consecutive values [d0, d0 + 8) of one KV row as fp32 (load8: from global
+// memory). The sparse-attention kernels are templates over the loader: plain [.., D] tensors (the
+// ONNX contract) or the production 584-byte FP8 entry. The tensor-core kernel copies whole rows
+// into shared memory asynchronously and decodes them there, so a loader also gives the row's bytes
+// (row_bytes, row_ptr), the widest copy its alignment allows (kPiece), and decode8<false>, the
+// same decoding from a row already in shared memory.
 template <typename T>
 struct PlainLoader
 {
@@ -206,17 +216,19 @@ struct PlainLoader
         return reinterpret_cast<uint8_t const*>(base + row * D);
     }
 
+    template <bool kGlobal>
     __device__ __forceinline__ static void decode8(uint8_t const* row, int d0, float (&v)[8])
     {
         T const* p = reinterpret_cast<T const*>(row) + d0;
         if constexpr (sizeof(T) == 4)
         {
-            float4 const a = reinterpret_cast<float4 const*>(p)[0], b = reinterpret_cast<float4 const*>(p)[1];
+            float4 const a = ld<kGlobal>(reinterpret_cast<float4 const*>(p));
+            float4 const b = ld<kGlobal>(reinterpret_cast<float4 const*>(p) + 1);
             v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
         }
         else
         {
-            uint4 const raw = *reinterpret_cast<uint4 const*>(p);
+            uint4 const raw = ld<kGlobal>(reinterpret_cast<uint4 const*>(p));
             uint32_t const w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -229,24 +241,7 @@ struct PlainLoader
 
     __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
     {
-        T const* p = base + row * D + d0; // 16-byte aligned: D % 8 == 0 and base 16-byte aligned
-        if constexpr (sizeof(T) == 4)
-        {
-            float4 a = __ldg(reinterpret_cast<float4 const*>(p));
-            float4 b = __ldg(reinterpret_cast<float4 const*>(p) + 1);
-            v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-        }
-        else
-        {
-            uint4 const raw = __ldg(reinterpret_cast<uint4 const*>(p));
-            uint32_t const w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-            {
-                v[2 * i] = half_bits_to_float<T>(w[i] & 0xFFFFu);
-                v[2 * i + 1] = half_bits_to_float<T>(w[i] >> 16);
-            }
-        }
+        decode8<true>(row_ptr(row), d0, v);
     }
 };
 
@@ -266,12 +261,13 @@ struct Entry584Loader
         return base + row * entry584::kBytes;
     }
 
+    template <bool kGlobal>
     __device__ __forceinline__ static void decode8(uint8_t const* e, int d0, float (&v)[8])
     {
         if (d0 < entry584::kNope)
         {
-            uint2 const raw = *reinterpret_cast<uint2 const*>(e + d0);
-            float const s = ue8m0_value(e[entry584::kScaleOffset + d0 / entry584::kBlock]);
+            uint2 const raw = ld<kGlobal>(reinterpret_cast<uint2 const*>(e + d0));
+            float const s = ue8m0_value(ld<kGlobal>(e + entry584::kScaleOffset + d0 / entry584::kBlock));
 #pragma unroll
             for (int i = 0; i < 4; ++i)
             {
@@ -282,7 +278,7 @@ struct Entry584Loader
         else
         {
             uint2 const* p = reinterpret_cast<uint2 const*>(e + entry584::kRopeOffset + 2 * (d0 - entry584::kNope));
-            uint2 const r0 = p[0], r1 = p[1];
+            uint2 const r0 = ld<kGlobal>(p), r1 = ld<kGlobal>(p + 1);
             uint32_t const w[4] = {r0.x, r0.y, r1.x, r1.y};
 #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -293,32 +289,9 @@ struct Entry584Loader
         }
     }
 
-    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const // 8-byte aligned rows
     {
-        uint8_t const* e = base + row * entry584::kBytes; // 8-byte aligned (584 = 8 * 73)
-        if (d0 < entry584::kNope)
-        {
-            uint2 const raw = __ldg(reinterpret_cast<uint2 const*>(e + d0));
-            float const s = ue8m0_value(__ldg(e + entry584::kScaleOffset + d0 / entry584::kBlock));
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-            {
-                v[i] = e4m3_value(uint8_t(raw.x >> (8 * i))) * s;
-                v[4 + i] = e4m3_value(uint8_t(raw.y >> (8 * i))) * s;
-            }
-        }
-        else
-        {
-            uint2 const* p = reinterpret_cast<uint2 const*>(e + entry584::kRopeOffset + 2 * (d0 - entry584::kNope));
-            uint2 const r0 = __ldg(p), r1 = __ldg(p + 1);
-            uint32_t const w[4] = {r0.x, r0.y, r1.x, r1.y};
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-            {
-                v[2 * i] = __uint_as_float(w[i] << 16);
-                v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
-            }
-        }
+        decode8<true>(row_ptr(row), d0, v);
     }
 };
 

@@ -48,5 +48,21 @@ __device__ __forceinline__ uint32_t pack16(uint16_t lo, uint16_t hi)
     return uint32_t(lo) | (uint32_t(hi) << 16);
 }
 
+//! fp32 -> the 16-bit input type of the MMA (fp16 when kHalf, else bf16), round to nearest even.
+template <bool kHalf>
+__device__ __forceinline__ uint16_t to16(float v)
+{
+    if constexpr (kHalf)
+        return __half_as_ushort(__float2half_rn(v));
+    else
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
+//! Two adjacent 16-bit values from shared memory (4-byte aligned): one A or B fragment register.
+__device__ __forceinline__ uint32_t lds32(uint16_t const* p)
+{
+    return *reinterpret_cast<uint32_t const*>(p);
+}
+
 } // namespace detail
 } // namespace hatrt

@@ -415,6 +415,14 @@ int32_t runPlugin(IPluginV3* p, std::vector<PluginTensorDesc> const& in, std::ve
     return err == cudaSuccess ? rc : -200;
 }
 
+std::vector<__nv_bfloat16> bf(std::vector<float> const& v)
+{
+    std::vector<__nv_bfloat16> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i)
+        h[i] = __float2bfloat16(v[i]);
+    return h;
+}
+
 bool allFinite(std::vector<float> const& v)
 {
     for (float x : v)
@@ -461,12 +469,6 @@ void gpuIndexerPacked()
     int64_t const B = 2, S = 2, Hi = 64, Di = 128, N = 2000, topk = 128;
     Buf q(B * S * Hi * Di * 2), w(B * S * Hi * 2), kf(B * N * Di * 4), k(B * N * 68), pos(B * S * 8),
         out(B * S * topk * 8), ref(B * S * topk * 8);
-    auto bf = [](std::vector<float> const& v) {
-        std::vector<__nv_bfloat16> h(v.size());
-        for (size_t i = 0; i < v.size(); ++i)
-            h[i] = __float2bfloat16(v[i]);
-        return h;
-    };
     q.upload(bf(randf(B * S * Hi * Di))), w.upload(bf(randf(B * S * Hi))), kf.upload(randf(B * N * Di));
     CUDA_OK(hatrt::index_key_write_68(B * N, kf.p, hatrt::DType::kFloat32, nullptr, hatrt::IndexType::kInt64,
         static_cast<uint8_t*>(k.p), nullptr));
@@ -536,12 +538,6 @@ void gpuAttention(bool packed)
     int64_t const rowBytes = packed ? 584 : D * 2;
     Buf q(B * S * H * D * 2), qp(B * S * 8), wkv(B * L * rowBytes), wp(B * L * 8), ent(B * N * rowBytes),
         idx(B * S * K * 8), sink(H * 4), out(B * S * H * D * 2), ref(B * S * H * D * 2);
-    auto bf = [](std::vector<float> const& v) {
-        std::vector<__nv_bfloat16> h(v.size());
-        for (size_t i = 0; i < v.size(); ++i)
-            h[i] = __float2bfloat16(v[i]);
-        return h;
-    };
     q.upload(bf(randf(B * S * H * D)));
     std::vector<int64_t> hqp(B * S, 500), hwp(B * L), hidx(B * S * K);
     for (int64_t i = 0; i < B * L; ++i)

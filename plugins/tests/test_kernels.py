@@ -206,43 +206,29 @@ def test_compress(kern):
 
 
 def test_compress_fused_cache_write(kern):
+    """The compressor writes each finished entry in its cache form, which dequantizes exactly to
+    the fp32 output: the 584-byte FP8 KV entry (main compressor, D 512, FP8; the RoPE dims as bf16)
+    and the 68-byte FP4 index key (indexer compressor, D 128, Hadamard + FP4)."""
     ext = kern.ext
-    g, seed = _gen(kern)
-    B, N, m, D, r = 3, 4, 4, 512, 64
-    kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, BF16, g)
-    rows = B * N + 7
-    cache = torch.full((rows, 584), 0xCD, dtype=torch.uint8, device=kern.dev)
-    slot = torch.randperm(rows, generator=g, device=kern.dev)[: B * N].view(B, N)
-    out = torch.full((B, N, D), float("nan"), device=kern.dev)
-    ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 1, cache, slot)
-    back = torch.full((B * N, D), float("nan"), device=kern.dev)
-    ext.kv_read_584(back, cache, slot.reshape(-1))
-    kern.sync()
-    flat = out.reshape(B * N, D)
-    msg = f"seed={seed}"
-    assert torch.isfinite(back).all(), msg
-    assert torch.equal(back[:, :448], flat[:, :448]), msg  # the cache holds exactly the fake-quantized entry
-    assert torch.equal(back[:, 448:], flat[:, 448:].to(BF16).float()), msg
-
-
-def test_compress_fused_index_key_write(kern):
-    """The indexer's compressor (D 128, Hadamard + FP4) writes the 68-byte index key that
-    IndexerTopK reads; it dequantizes exactly to the fp32 output."""
-    ext = kern.ext
-    g, seed = _gen(kern)
-    B, N, m, D, r = 2, 5, 4, 128, 64
-    kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, F32, g)
-    rows = B * N + 3
-    cache = torch.full((rows, 68), 0xCD, dtype=torch.uint8, device=kern.dev)
-    slot = torch.randperm(rows, generator=g, device=kern.dev)[: B * N].view(B, N)
-    out = torch.full((B, N, D), float("nan"), device=kern.dev)
-    ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, 2, cache, slot)
-    back = torch.full((B * N, D), float("nan"), device=kern.dev)
-    ext.index_key_read(back, cache, slot.reshape(-1))
-    kern.sync()
-    msg = f"seed={seed}"
-    assert torch.isfinite(back).all(), msg
-    assert torch.equal(back, out.reshape(B * N, D)), msg
+    for D, quant, width, dtype in ((512, 1, 584, BF16), (128, 2, 68, F32)):
+        g, seed = _gen(kern)
+        B, N, m, r = 3, 4, 4, 64
+        kv, score, pk, ps, nw, cos, sin = _compress_inputs(True, B, N, m, D, r, dtype, g)
+        rows = B * N + 7
+        cache = torch.full((rows, width), 0xCD, dtype=torch.uint8, device=kern.dev)
+        slot = torch.randperm(rows, generator=g, device=kern.dev)[: B * N].view(B, N)
+        out = torch.full((B, N, D), float("nan"), device=kern.dev)
+        ext.compress(out, kv, score, pk, ps, nw, cos, sin, 1e-6, quant, cache, slot)
+        back = torch.full((B * N, D), float("nan"), device=kern.dev)
+        read = ext.kv_read_584 if width == 584 else ext.index_key_read
+        read(back, cache, slot.reshape(-1))
+        kern.sync()
+        expect = out.reshape(B * N, D).clone()
+        if width == 584:
+            expect[:, 448:] = expect[:, 448:].to(BF16).float()
+        msg = f"width={width} seed={seed}"
+        assert torch.isfinite(back).all(), msg
+        assert torch.equal(back, expect), msg
 
 
 # ----------------------------------------------------------------------------- indexer + top-k

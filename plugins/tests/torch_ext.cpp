@@ -6,6 +6,9 @@
 #include "hatrt/kernels.h"
 
 #include <torch/extension.h>
+
+#include <tuple>
+#include <utility>
 #ifndef HATRT_CUDA_EMU
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,6 +53,15 @@ void finish(char const* what, char const* msg, cudaError_t err)
 {
     TORCH_CHECK(msg == nullptr, what, ": ", msg ? msg : "");
     TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
+}
+
+//! (data, type) of an optional index tensor; (nullptr, int64) when absent.
+std::pair<void const*, hatrt::IndexType> optional_index(c10::optional<at::Tensor> const& t, char const* name)
+{
+    if (!t.has_value())
+        return {nullptr, hatrt::IndexType::kInt64};
+    check_cuda(*t, name);
+    return {t->data_ptr(), idtype(*t)};
 }
 
 cudaStream_t stream()
@@ -161,13 +173,7 @@ void index_key_write(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor>
     TORCH_CHECK(cache.scalar_type() == at::kByte && (cache.size(-1) == 68 || cache.size(-1) == 132),
         "cache must be uint8 [.., 68] or [.., 132]");
     TORCH_CHECK(src.size(-1) == 128, "src must be [..., 128]");
-    void const* sl = nullptr;
-    hatrt::IndexType st = hatrt::IndexType::kInt64;
-    if (slot.has_value())
-    {
-        check_cuda(*slot, "slot");
-        sl = slot->data_ptr(), st = idtype(*slot);
-    }
+    auto const [sl, st] = optional_index(slot, "slot");
     auto write = cache.size(-1) == 68 ? hatrt::index_key_write_68 : hatrt::index_key_write_132;
     finish("index_key_write", nullptr,
         write(src.numel() / 128, src.data_ptr(), fdtype(src), sl, st, cache.data_ptr<uint8_t>(), stream()));
@@ -182,13 +188,7 @@ void index_key_read(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> 
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 128, "out must be float32 [n, 128]");
     TORCH_CHECK(cache.scalar_type() == at::kByte && (cache.size(-1) == 68 || cache.size(-1) == 132),
         "cache must be uint8 [.., 68] or [.., 132]");
-    void const* sl = nullptr;
-    hatrt::IndexType st = hatrt::IndexType::kInt64;
-    if (slot.has_value())
-    {
-        check_cuda(*slot, "slot");
-        sl = slot->data_ptr(), st = idtype(*slot);
-    }
+    auto const [sl, st] = optional_index(slot, "slot");
     auto read = cache.size(-1) == 68 ? hatrt::index_key_read_68 : hatrt::index_key_read_132;
     finish("index_key_read", nullptr,
         read(out.numel() / 128, cache.data_ptr<uint8_t>(), sl, st, out.data_ptr<float>(), stream()));
@@ -232,11 +232,7 @@ void compress(c10::optional<at::Tensor> out, at::Tensor kv, at::Tensor score, c1
         TORCH_CHECK(cache->scalar_type() == at::kByte && (cache->size(-1) == 584 || cache->size(-1) == 68),
             "cache must be uint8 [.., 584] or [.., 68]");
         p.cache = cache->data_ptr<uint8_t>();
-        if (cache_slot.has_value())
-        {
-            check_cuda(*cache_slot, "cache_slot");
-            p.cache_slot = cache_slot->data_ptr(), p.cache_slot_type = idtype(*cache_slot);
-        }
+        std::tie(p.cache_slot, p.cache_slot_type) = optional_index(cache_slot, "cache_slot");
     }
     char const* msg = hatrt::compress_check(p);
     finish("compress", msg, msg ? cudaSuccess : hatrt::compress(p, stream()));
@@ -253,11 +249,7 @@ void kv_write_584(at::Tensor cache, at::Tensor src, c10::optional<at::Tensor> sl
     hatrt::KvWriteParams p;
     p.n = src.numel() / 512;
     p.src = src.data_ptr(), p.src_dtype = fdtype(src);
-    if (slot.has_value())
-    {
-        check_cuda(*slot, "slot");
-        p.slot = slot->data_ptr(), p.slot_type = idtype(*slot);
-    }
+    std::tie(p.slot, p.slot_type) = optional_index(slot, "slot");
     p.cache = cache.data_ptr<uint8_t>();
     char const* msg = hatrt::kv_write_584_check(p);
     finish("kv_write_584", msg, msg ? cudaSuccess : hatrt::kv_write_584(p, stream()));
@@ -270,13 +262,7 @@ void kv_read_584(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slo
     check_cuda(out, "out");
     HATRT_DEVICE_GUARD(cache);
     TORCH_CHECK(out.scalar_type() == at::kFloat && out.size(-1) == 512, "out must be float32 [n, 512]");
-    void const* s = nullptr;
-    hatrt::IndexType st = hatrt::IndexType::kInt64;
-    if (slot.has_value())
-    {
-        check_cuda(*slot, "slot");
-        s = slot->data_ptr(), st = idtype(*slot);
-    }
+    auto const [s, st] = optional_index(slot, "slot");
     finish("kv_read_584", nullptr,
         hatrt::kv_read_584(out.numel() / 512, cache.data_ptr<uint8_t>(), s, st, out.data_ptr<float>(), stream()));
 }

@@ -195,20 +195,6 @@ __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t
     __syncthreads();
 }
 
-template <bool kHalf>
-__device__ __forceinline__ uint16_t to16(float v)
-{
-    if constexpr (kHalf)
-        return __half_as_ushort(__float2half_rn(v));
-    else
-        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-__device__ __forceinline__ uint32_t lds32(uint16_t const* p)
-{
-    return *reinterpret_cast<uint32_t const*>(p);
-}
-
 //! q [Hp][Di + 8] (16-bit) and w [Hp] (fp32) of row `row`; heads beyond Hi are zero.
 template <bool kHalf>
 __device__ void load_query16(IxArgs const& a, int64_t row, uint16_t* sq, float* sw)

@@ -105,6 +105,23 @@ __global__ void __launch_bounds__(kThreads) kv_read_584_kernel(
     }
 }
 
+//! Index keys, one warp per key of 128 values: lane l loads values [4 l, 4 l + 4) of key v into x
+//! and returns the absolute maximum over the `lanes` lanes of its scale block (8 for FP4 blocks
+//! of 32, 32 for one FP8 scale per key). Every lane takes part in the shuffles.
+__device__ __forceinline__ float load_key_quad(void const* src, DType src_dtype, int64_t v, int lane, int lanes, float (&x)[4])
+{
+    float amax = 0.F;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+    {
+        x[i] = load_f(src, src_dtype, v * 128 + lane * 4 + i);
+        amax = fmaxf(amax, fabsf(x[i]));
+    }
+    for (int o = 1; o < lanes; o <<= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, o));
+    return amax;
+}
+
 __global__ void __launch_bounds__(kThreads) index_key_write_68_kernel(
     int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type, uint8_t* cache)
 {
@@ -112,19 +129,9 @@ __global__ void __launch_bounds__(kThreads) index_key_write_68_kernel(
     int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
     if (v >= n)
         return;
-    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
     float x[4];
-    float amax = 0.F;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-    {
-        x[i] = load_f(src, src_dtype, v * index_key68::kDim + lane * 4 + i);
-        amax = fmaxf(amax, fabsf(x[i]));
-    }
-    // the 8 lanes of a scale block (the shuffles run on every lane: a skipped row exits after)
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
-    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 4));
+    float const amax = load_key_quad(src, src_dtype, v, lane, 8, x); // the 8 lanes of a scale block
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
     if (row < 0)
         return;
     float const scale = pow2_scale(amax, kFp4Max);
@@ -145,16 +152,9 @@ __global__ void __launch_bounds__(kThreads) index_key_write_132_kernel(
     int64_t const v = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
     if (v >= n)
         return;
-    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
     float x[4];
-    float amax = 0.F;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-    {
-        x[i] = load_f(src, src_dtype, v * index_key132::kDim + lane * 4 + i);
-        amax = fmaxf(amax, fabsf(x[i]));
-    }
-    amax = warp_max(amax); // one scale per key (before a skipped row exits: every lane shuffles)
+    float const amax = load_key_quad(src, src_dtype, v, lane, 32, x); // one scale per key
+    int64_t const row = slot ? load_idx(slot, slot_type, v) : v;
     if (row < 0)
         return;
     float const scale = pow2_scale(amax, kFp8Max);
@@ -188,8 +188,12 @@ __global__ void __launch_bounds__(kThreads) index_key_read_kernel(
 } // namespace
 } // namespace detail
 
-cudaError_t index_key_write_132(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
-    uint8_t* cache, cudaStream_t stream)
+namespace
+{
+//! One warp per key, both packed index-key formats.
+template <class Kernel>
+cudaError_t launch_index_key_write(Kernel kernel, int64_t n, void const* src, DType src_dtype, void const* slot,
+    IndexType slot_type, uint8_t* cache, cudaStream_t stream)
 {
     using namespace detail;
     if (n < 0 || !is_float_dtype(src_dtype) || (n > 0 && (!src || !cache || !aligned(cache, 4)))
@@ -197,12 +201,12 @@ cudaError_t index_key_write_132(int64_t n, void const* src, DType src_dtype, voi
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    HATRT_LAUNCH(index_key_write_132_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
-        n, src, src_dtype, slot, slot_type, cache);
+    HATRT_LAUNCH(kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(n, src, src_dtype, slot, slot_type, cache);
     return cudaGetLastError();
 }
 
-cudaError_t index_key_read_132(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+template <class Loader>
+cudaError_t launch_index_key_read(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
     cudaStream_t stream)
 {
     using namespace detail;
@@ -210,36 +214,34 @@ cudaError_t index_key_read_132(int64_t n, uint8_t const* cache, void const* slot
         return cudaErrorInvalidValue;
     if (n == 0)
         return cudaSuccess;
-    HATRT_LAUNCH((index_key_read_kernel<IndexKey132Loader, index_key132::kDim>), unsigned((n + kWarps - 1) / kWarps),
-        kThreads, 0, stream)(n, cache, slot, slot_type, out);
+    HATRT_LAUNCH((index_key_read_kernel<Loader, 128>), unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
+        n, cache, slot, slot_type, out);
     return cudaGetLastError();
 }
+} // namespace
 
 cudaError_t index_key_write_68(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
     uint8_t* cache, cudaStream_t stream)
 {
-    using namespace detail;
-    if (n < 0 || !is_float_dtype(src_dtype) || (n > 0 && (!src || !cache || !aligned(cache, 4)))
-        || (n + kWarps - 1) / kWarps > 0x7FFFFFFFLL)
-        return cudaErrorInvalidValue;
-    if (n == 0)
-        return cudaSuccess;
-    HATRT_LAUNCH(index_key_write_68_kernel, unsigned((n + kWarps - 1) / kWarps), kThreads, 0, stream)(
-        n, src, src_dtype, slot, slot_type, cache);
-    return cudaGetLastError();
+    return launch_index_key_write(detail::index_key_write_68_kernel, n, src, src_dtype, slot, slot_type, cache, stream);
 }
 
 cudaError_t index_key_read_68(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
     cudaStream_t stream)
 {
-    using namespace detail;
-    if (n < 0 || (n > 0 && (!cache || !out || !aligned(cache, 4) || !aligned(out, 16))))
-        return cudaErrorInvalidValue;
-    if (n == 0)
-        return cudaSuccess;
-    HATRT_LAUNCH((index_key_read_kernel<IndexKey68Loader, index_key68::kDim>), unsigned((n + kWarps - 1) / kWarps),
-        kThreads, 0, stream)(n, cache, slot, slot_type, out);
-    return cudaGetLastError();
+    return launch_index_key_read<detail::IndexKey68Loader>(n, cache, slot, slot_type, out, stream);
+}
+
+cudaError_t index_key_write_132(int64_t n, void const* src, DType src_dtype, void const* slot, IndexType slot_type,
+    uint8_t* cache, cudaStream_t stream)
+{
+    return launch_index_key_write(detail::index_key_write_132_kernel, n, src, src_dtype, slot, slot_type, cache, stream);
+}
+
+cudaError_t index_key_read_132(int64_t n, uint8_t const* cache, void const* slot, IndexType slot_type, float* out,
+    cudaStream_t stream)
+{
+    return launch_index_key_read<detail::IndexKey132Loader>(n, cache, slot, slot_type, out, stream);
 }
 
 char const* kv_write_584_check(KvWriteParams const& p)

@@ -59,6 +59,38 @@ struct SaArgs
     float* ws_ml;  // [splits, rows, H, 2]
 };
 
+//! Key j of query `row` (batch b, position qt) in the virtual list [window slots 0..L) ++ [selected
+//! entries 0..K): its source row in window_kv (is_ent = 0) or entries (is_ent = 1), or -1 when it
+//! does not count (outside the window, an empty slot, a -1 or out-of-range index, past the end).
+__device__ __forceinline__ int64_t key_source(SaArgs const& a, int64_t row, int64_t b, int64_t qt, int64_t j, int& is_ent)
+{
+    is_ent = 0;
+    if (j < a.L)
+    {
+        int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
+        int64_t const dist = qt - pos;
+        return pos >= 0 && dist >= 0 && dist < a.window ? b * a.L + j : -1;
+    }
+    if (j < a.L + a.K)
+    {
+        is_ent = 1;
+        int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
+        return idx >= 0 && idx < a.N ? b * a.N + idx : -1;
+    }
+    return -1;
+}
+
+//! The factor that turns head h's unnormalized accumulator (running max m and sum l, log2 units)
+//! into the output: 2^(m - M) / (l 2^(m - M) + 2^(sink - M)), M = max(m, sink); 0 with no key.
+__device__ __forceinline__ float sink_normalizer(SaArgs const& a, int h, float m, float l)
+{
+    float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
+    float const M = fmaxf(m, sk);
+    if (m == -INFINITY || M == -INFINITY)
+        return 0.F;
+    return exp2f(m - M) / (l * exp2f(m - M) + exp2f(sk - M));
+}
+
 size_t smem_bytes(int D)
 {
     int const pitch = D + 4;
@@ -118,23 +150,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(SaArgs a, Lo
         int valid = 0;
         if (tid < kTile)
         {
-            int64_t const j = tile * kTile + tid;
-            int64_t src = -1;
             int is_ent = 0;
-            if (j < a.L)
-            {
-                int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
-                int64_t const dist = t - pos;
-                if (pos >= 0 && dist >= 0 && dist < a.window)
-                    src = b * a.L + j;
-            }
-            else if (j < n_keys)
-            {
-                int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
-                if (idx >= 0 && idx < a.N)
-                    src = b * a.N + idx;
-                is_ent = 1;
-            }
+            int64_t const src = key_source(a, row, b, t, tile * kTile + tid, is_ent);
             s_row[tid] = src;
             s_ent[tid] = is_ent;
             valid = src >= 0;
@@ -247,11 +264,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(SaArgs a, Lo
         float const m = sml[2 * hh], l = sml[2 * hh + 1];
         if (a.splits == 1)
         {
-            float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
-            float const M = fmaxf(m, sk);
-            float f = 0.F;
-            if (m != -INFINITY && M != -INFINITY)
-                f = exp2f(m - M) / (l * exp2f(m - M) + exp2f(sk - M));
+            float const f = sink_normalizer(a, h, m, l);
             int64_t const o = (row * a.H + h) * D + pc * 8;
 #pragma unroll
             for (int e = 0; e < 8; ++e)
@@ -321,20 +334,6 @@ size_t tc_smem_bytes(int groups, int raw_row_bytes)
         + sizeof(float) * 4 * heads + size_t(kTcKeys) * raw_row_bytes;
 }
 
-template <bool kHalf>
-__device__ __forceinline__ uint16_t to16(float v)
-{
-    if constexpr (kHalf)
-        return __half_as_ushort(__float2half_rn(v));
-    else
-        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-__device__ __forceinline__ uint32_t lds32(uint16_t const* p)
-{
-    return *reinterpret_cast<uint32_t const*>(p);
-}
-
 template <int kGroups, bool kHalf, class Loader>
 __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaArgs a, Loader win, Loader ent)
 {
@@ -396,23 +395,8 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
     // Software pipeline: while the block computes on tile t (staged in skv), the raw rows of tile
     // t + 1 are on their way into sraw (cp.async); the first warp works out tile t + 2's rows.
     auto tile_meta = [&](int64_t tile, int slot) { // first warp only
-        int64_t const j = tile * kTcKeys + lane;
-        int64_t src = -1;
         int is_ent = 0;
-        if (j < a.L)
-        {
-            int64_t const pos = load_idx(a.window_pos, a.window_pos_type, b * a.L + j);
-            int64_t const dist = qt - pos;
-            if (pos >= 0 && dist >= 0 && dist < a.window)
-                src = b * a.L + j;
-        }
-        else if (j < n_keys)
-        {
-            int64_t const idx = load_idx(a.entry_idx, a.entry_idx_type, row * a.K + (j - a.L));
-            if (idx >= 0 && idx < a.N)
-                src = b * a.N + idx;
-            is_ent = 1;
-        }
+        int64_t const src = key_source(a, row, b, qt, tile * kTcKeys + lane, is_ent);
         s_row[slot][lane] = src;
         s_ent[slot][lane] = is_ent;
         unsigned const valid = __ballot_sync(0xFFFFFFFFu, src >= 0);
@@ -454,7 +438,7 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
                 int const k = i / (kTcD / 8), c = i % (kTcD / 8);
                 float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
                 if (s_row[buf][k] >= 0)
-                    Loader::decode8(sraw + k * kRaw, c * 8, v);
+                    Loader::template decode8<false>(sraw + k * kRaw, c * 8, v);
                 uint4 packed;
                 packed.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
                 packed.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
@@ -564,11 +548,7 @@ __global__ void __launch_bounds__(128 * kGroups) sparse_attention_tc_kernel(SaAr
         float const l = gred[hh] + gred[kHeads + hh] + gred[2 * kHeads + hh] + gred[3 * kHeads + hh];
         if (a.splits == 1)
         {
-            float const sk = load_f(a.sink, a.sink_dtype, h) * kLog2e;
-            float const M = fmaxf(m, sk);
-            float f = 0.F;
-            if (m != -INFINITY && M != -INFINITY)
-                f = exp2f(m - M) / (l * exp2f(m - M) + exp2f(sk - M));
+            float const f = sink_normalizer(a, h, m, l);
             int64_t const base = (row * a.H + h) * kTcD + dim0 + 2 * t;
 #pragma unroll
             for (int j = 0; j < kTcNT; ++j)
