@@ -12,19 +12,21 @@ namespace hatrt
 namespace detail
 {
 
-//! Copy kBytes (8 or 16; both addresses aligned to kBytes) from global to shared memory.
+//! Copy kBytes (4, 8 or 16; both addresses aligned to kBytes) from global to shared memory.
 template <int kBytes>
 __device__ __forceinline__ void cp_async(void* smem, void const* gmem)
 {
-    static_assert(kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes; hatrt uses 8 and 16");
+    static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #if defined(HATRT_CUDA_EMU)
     emu::async_copy(smem, gmem, kBytes);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     uint32_t const dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
     if constexpr (kBytes == 16)
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-    else
+    else if constexpr (kBytes == 8)
         asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem) : "memory");
 #elif defined(__CUDA_ARCH__)
     __trap(); // only the tensor-core kernels (sm_80+) copy asynchronously
 #endif

@@ -201,6 +201,7 @@ __device__ __forceinline__ T ld(T const* p)
 template <typename T>
 struct PlainLoader
 {
+    using value_type = T;
     T const* base;
     int32_t D;
 
@@ -295,19 +296,37 @@ struct Entry584Loader
     }
 };
 
-//! 8 consecutive values [d0, d0 + 8) of a 68-byte MXFP4 index key, exactly.
+//! 8 consecutive values [d0, d0 + 8) of a 68-byte MXFP4 index key, exactly (same interface as the
+//! KV loaders; rows are 4-byte aligned: 68 = 4 * 17).
 struct IndexKey68Loader
 {
     uint8_t const* base;
 
-    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    static constexpr int kPiece = 4;
+
+    __host__ __device__ static constexpr int row_bytes(int /*dim*/)
     {
-        uint8_t const* e = base + row * index_key68::kBytes; // 4-byte aligned (68 = 4 * 17)
-        uint32_t const w = __ldg(reinterpret_cast<uint32_t const*>(e + d0 / 2));
-        float const s = ue8m0_value(__ldg(e + index_key68::kScaleOffset + d0 / index_key68::kBlock));
+        return index_key68::kBytes;
+    }
+
+    __device__ __forceinline__ uint8_t const* row_ptr(int64_t row) const
+    {
+        return base + row * index_key68::kBytes;
+    }
+
+    template <bool kGlobal>
+    __device__ __forceinline__ static void decode8(uint8_t const* e, int d0, float (&v)[8])
+    {
+        uint32_t const w = ld<kGlobal>(reinterpret_cast<uint32_t const*>(e + d0 / 2));
+        float const s = ue8m0_value(ld<kGlobal>(e + index_key68::kScaleOffset + d0 / index_key68::kBlock));
 #pragma unroll
         for (int i = 0; i < 8; ++i)
             v[i] = e2m1_value((w >> (4 * i)) & 0xFU) * s;
+    }
+
+    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    {
+        decode8<true>(row_ptr(row), d0, v);
     }
 };
 
@@ -316,18 +335,35 @@ struct IndexKey132Loader
 {
     uint8_t const* base;
 
-    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    static constexpr int kPiece = 4; // 132 = 4 * 33
+
+    __host__ __device__ static constexpr int row_bytes(int /*dim*/)
     {
-        uint8_t const* e = base + row * index_key132::kBytes; // 4-byte aligned (132 = 4 * 33)
-        uint32_t const w0 = __ldg(reinterpret_cast<uint32_t const*>(e + d0));
-        uint32_t const w1 = __ldg(reinterpret_cast<uint32_t const*>(e + d0 + 4));
-        float const s = __ldg(reinterpret_cast<float const*>(e + index_key132::kScaleOffset));
+        return index_key132::kBytes;
+    }
+
+    __device__ __forceinline__ uint8_t const* row_ptr(int64_t row) const
+    {
+        return base + row * index_key132::kBytes;
+    }
+
+    template <bool kGlobal>
+    __device__ __forceinline__ static void decode8(uint8_t const* e, int d0, float (&v)[8])
+    {
+        uint32_t const w0 = ld<kGlobal>(reinterpret_cast<uint32_t const*>(e + d0));
+        uint32_t const w1 = ld<kGlobal>(reinterpret_cast<uint32_t const*>(e + d0 + 4));
+        float const s = ld<kGlobal>(reinterpret_cast<float const*>(e + index_key132::kScaleOffset));
 #pragma unroll
         for (int i = 0; i < 4; ++i)
         {
             v[i] = e4m3_value(uint8_t(w0 >> (8 * i))) * s;
             v[4 + i] = e4m3_value(uint8_t(w1 >> (8 * i))) * s;
         }
+    }
+
+    __device__ __forceinline__ void load8(int64_t row, int d0, float (&v)[8]) const
+    {
+        decode8<true>(row_ptr(row), d0, v);
     }
 };
 

@@ -11,7 +11,9 @@
 //   memory (exact: the inputs are already 16-bit, and e2m1 or e4m3 times a power of two is exact in
 //   bf16; in fp16 too unless the scale leaves fp16's range);
 //   warp w computes heads [16 (w % 4), +16) x keys [32 (w / 4), +32) with mma.sync m16n8k16, fp32
-//   accumulation, then ReLU, the head weight, and a sum over heads (shuffles, then 4 warps).
+//   accumulation, then ReLU, the head weight, and a sum over heads (shuffles, then 4 warps). Keys
+//   arrive in stages of up to 36 KB copied as stored (cp.async: 512 FP4 keys at once), so a block
+//   waits for memory once per stage rather than once per 64-key tile.
 // - CUDA cores (everything else, e.g. fp32 inputs): keys transposed to fp32, each thread
 //   accumulates 4 keys x 4 heads with fp32 FMAs, the 16 head groups reduced in shared memory.
 // Selection (block_topk): scores are mapped to order-preserving 32-bit keys (-0 -> +0 so equal
@@ -21,6 +23,7 @@
 // Paths: fused (one block per query: score into shared memory, select) when the visible scores fit
 // and there are enough rows to fill the GPU; otherwise a grid-wide scoring kernel writes scores to
 // the workspace and one block per row selects from there.
+#include "../async_copy.cuh"
 #include "../mma.cuh"
 
 #include <cmath>
@@ -88,14 +91,19 @@ enum ScoreMode : int
     kTensorFp16 = 2,
 };
 
+//! Tensor-core scoring copies keys as stored into shared memory in stages of up to this many bytes
+//! (512 FP4 keys, 256 FP8 keys, 128 bf16 keys of width 128) before decoding them tile by tile, so
+//! a block waits for memory once per stage instead of once per 64-key tile.
+constexpr int kStageBytes = 36 * 1024;
+
 //! Scoring shared memory, bytes. CUDA cores: q^T [Di][Hp], w [Hp], keys^T [Di][kTileN + 4],
 //! partial sums [16][kTileN] (fp32). Tensor cores: q [Hp][Di + 8] and keys [kTileN][Di + 8]
-//! (16-bit), w [Hp], partial sums [4][kTileN] (fp32).
+//! (16-bit), w [Hp], partial sums [4][kTileN] (fp32), the key stage (kStageBytes).
 __host__ __device__ size_t score_smem_bytes(int mode, int Hp, int Di)
 {
     if (mode == kCudaCores)
         return sizeof(float) * (size_t(Di) * Hp + Hp + size_t(Di) * (kTileN + 4) + 16 * kTileN);
-    return sizeof(uint16_t) * (size_t(Hp) + kTileN) * (Di + 8) + sizeof(float) * (Hp + 4 * kTileN);
+    return sizeof(uint16_t) * (size_t(Hp) + kTileN) * (Di + 8) + sizeof(float) * (Hp + 4 * kTileN) + kStageBytes;
 }
 
 //! Element d of key row `key_row` (b * N + n) as fp32, for every key dtype.
@@ -209,96 +217,125 @@ __device__ void load_query16(IxArgs const& a, int64_t row, uint16_t* sq, float* 
         sw[h] = h < a.Hi ? load_f(a.w, a.w_dtype, row * a.Hi + h) : 0.F;
 }
 
+//! Copy key rows [s0, s1) of batch b as stored into `raw` (cp.async), then wait for them.
+template <class Loader>
+__device__ __forceinline__ void stage_keys(Loader ld, int64_t first_row, int rows, int row_bytes, uint8_t* raw)
+{
+    int const pieces = row_bytes / Loader::kPiece;
+    for (int i = threadIdx.x; i < rows * pieces; i += kThreads)
+    {
+        int const k = i / pieces, c = i - k * pieces;
+        cp_async<Loader::kPiece>(raw + k * row_bytes + c * Loader::kPiece, ld.row_ptr(first_row + k) + c * Loader::kPiece);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+}
+
 //! Tensor-core scores of keys [n_begin, n_end) of row batch b -> dst[n].
 template <bool kHalf>
 __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, uint16_t const* sq,
-    float const* sw, uint16_t* sk, float* sred, float* dst)
+    float const* sw, uint16_t* sk, float* sred, uint8_t* sraw, float* dst)
 {
+    using Plain = PlainLoader<std::conditional_t<kHalf, __half, __nv_bfloat16>>;
     int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
     int const mt = warp % 4, kg = warp / 4; // head tile (16 heads of each 64), key group (32 keys)
     int const qp = a.Di + 8;
     int const chunks = a.Di / 8;
     bool const packed4 = a.k_dtype == DType::kIndexKey68, packed8 = a.k_dtype == DType::kIndexKey132;
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += kTileN)
+    uint8_t const* kbase = static_cast<uint8_t const*>(a.keys);
+    int const row_bytes = packed4 ? index_key68::kBytes : packed8 ? index_key132::kBytes : Plain::row_bytes(a.Di);
+    int const stage = kStageBytes / row_bytes / kTileN * kTileN; // keys per stage, a multiple of the tile
+    for (int64_t s0 = n_begin; s0 < n_end; s0 += stage)
     {
-        __syncthreads();
-        for (int i = tid; i < kTileN * chunks; i += kThreads)
+        int const rows = int(min(int64_t(stage), n_end - s0));
+        __syncthreads(); // the previous stage is decoded
+        if (packed4)
+            stage_keys(IndexKey68Loader{kbase}, b * a.N + s0, rows, row_bytes, sraw);
+        else if (packed8)
+            stage_keys(IndexKey132Loader{kbase}, b * a.N + s0, rows, row_bytes, sraw);
+        else
+            stage_keys(Plain{reinterpret_cast<typename Plain::value_type const*>(kbase), a.Di}, b * a.N + s0, rows,
+                row_bytes, sraw);
+        for (int64_t n0 = s0; n0 < s0 + rows; n0 += kTileN)
         {
-            int const j = i / chunks, c = i - j * chunks;
-            int64_t const n = n0 + j;
-            float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
-            if (n < n_end)
+            __syncthreads(); // the stage landed (first tile); the previous tile's keys are consumed
+            for (int i = tid; i < kTileN * chunks; i += kThreads)
             {
-                if (packed4)
-                    IndexKey68Loader{static_cast<uint8_t const*>(a.keys)}.load8(b * a.N + n, c * 8, v);
-                else if (packed8)
-                    IndexKey132Loader{static_cast<uint8_t const*>(a.keys)}.load8(b * a.N + n, c * 8, v);
-                else if constexpr (kHalf)
-                    PlainLoader<__half>{static_cast<__half const*>(a.keys), a.Di}.load8(b * a.N + n, c * 8, v);
-                else
-                    PlainLoader<__nv_bfloat16>{static_cast<__nv_bfloat16 const*>(a.keys), a.Di}.load8(b * a.N + n, c * 8, v);
+                int const j = i / chunks, c = i - j * chunks;
+                int64_t const k = n0 - s0 + j; // row in the stage
+                float v[8] = {0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F, 0.F};
+                if (k < rows)
+                {
+                    uint8_t const* r = sraw + k * row_bytes;
+                    if (packed4)
+                        IndexKey68Loader::decode8<false>(r, c * 8, v);
+                    else if (packed8)
+                        IndexKey132Loader::decode8<false>(r, c * 8, v);
+                    else
+                        Plain::template decode8<false>(r, c * 8, v);
+                }
+                uint4 w;
+                w.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
+                w.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
+                w.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
+                w.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
+                *reinterpret_cast<uint4*>(sk + j * qp + c * 8) = w;
             }
-            uint4 w;
-            w.x = pack16(to16<kHalf>(v[0]), to16<kHalf>(v[1]));
-            w.y = pack16(to16<kHalf>(v[2]), to16<kHalf>(v[3]));
-            w.z = pack16(to16<kHalf>(v[4]), to16<kHalf>(v[5]));
-            w.w = pack16(to16<kHalf>(v[6]), to16<kHalf>(v[7]));
-            *reinterpret_cast<uint4*>(sk + j * qp + c * 8) = w;
-        }
-        __syncthreads();
-        float part[4][2] = {{0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}}; // [n-tile][key 2t, 2t + 1]
-        for (int hb = 0; hb < a.Hp; hb += kHeadBlock)
-        {
-            int const h = hb + 16 * mt;
-            float acc[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.F;
-            for (int k0 = 0; k0 < a.Di; k0 += 16)
+            __syncthreads();
+            float part[4][2] = {{0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}, {0.F, 0.F}}; // [n-tile][key 2t, 2t + 1]
+            for (int hb = 0; hb < a.Hp; hb += kHeadBlock)
             {
-                uint32_t const af[4] = {lds32(sq + (h + g) * qp + k0 + 2 * t), lds32(sq + (h + g + 8) * qp + k0 + 2 * t),
-                    lds32(sq + (h + g) * qp + k0 + 2 * t + 8), lds32(sq + (h + g + 8) * qp + k0 + 2 * t + 8)};
+                int const h = hb + 16 * mt;
+                float acc[4][4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.F;
+                for (int k0 = 0; k0 < a.Di; k0 += 16)
+                {
+                    uint32_t const af[4] = {lds32(sq + (h + g) * qp + k0 + 2 * t), lds32(sq + (h + g + 8) * qp + k0 + 2 * t),
+                        lds32(sq + (h + g) * qp + k0 + 2 * t + 8), lds32(sq + (h + g + 8) * qp + k0 + 2 * t + 8)};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+                    {
+                        uint16_t const* kr = sk + (kg * 32 + j * 8 + g) * qp + k0 + 2 * t;
+                        uint32_t const bf[2] = {lds32(kr), lds32(kr + 8)};
+                        mma_16816<kHalf>(acc[j], af, bf);
+                    }
+                }
+                // acc[j]: [0] head h+g key 2t, [1] head h+g key 2t+1, [2] head h+g+8 key 2t, [3] head h+g+8 key 2t+1
+                float const w0 = sw[h + g], w1 = sw[h + g + 8];
 #pragma unroll
                 for (int j = 0; j < 4; ++j)
                 {
-                    uint16_t const* kr = sk + (kg * 32 + j * 8 + g) * qp + k0 + 2 * t;
-                    uint32_t const bf[2] = {lds32(kr), lds32(kr + 8)};
-                    mma_16816<kHalf>(acc[j], af, bf);
+                    part[j][0] += w0 * fmaxf(acc[j][0], 0.F) + w1 * fmaxf(acc[j][2], 0.F);
+                    part[j][1] += w0 * fmaxf(acc[j][1], 0.F) + w1 * fmaxf(acc[j][3], 0.F);
                 }
             }
-            // acc[j]: [0] head h+g key 2t, [1] head h+g key 2t+1, [2] head h+g+8 key 2t, [3] head h+g+8 key 2t+1
-            float const w0 = sw[h + g], w1 = sw[h + g + 8];
+            // sum over the 8 head rows of the tile (lanes with equal t), then over the 4 head tiles
 #pragma unroll
             for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+#pragma unroll
+                    for (int off = 4; off < 32; off <<= 1)
+                        part[j][e] += __shfl_xor_sync(0xFFFFFFFFu, part[j][e], off);
+            if (g == 0)
             {
-                part[j][0] += w0 * fmaxf(acc[j][0], 0.F) + w1 * fmaxf(acc[j][2], 0.F);
-                part[j][1] += w0 * fmaxf(acc[j][1], 0.F) + w1 * fmaxf(acc[j][3], 0.F);
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                {
+                    sred[mt * kTileN + kg * 32 + j * 8 + 2 * t] = part[j][0];
+                    sred[mt * kTileN + kg * 32 + j * 8 + 2 * t + 1] = part[j][1];
+                }
             }
-        }
-        // sum over the 8 head rows of the tile (lanes with equal t), then over the 4 head tiles
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-#pragma unroll
-                for (int off = 4; off < 32; off <<= 1)
-                    part[j][e] += __shfl_xor_sync(0xFFFFFFFFu, part[j][e], off);
-        if (g == 0)
-        {
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
+            __syncthreads();
+            if (tid < kTileN && n0 + tid < n_end)
             {
-                sred[mt * kTileN + kg * 32 + j * 8 + 2 * t] = part[j][0];
-                sred[mt * kTileN + kg * 32 + j * 8 + 2 * t + 1] = part[j][1];
+                float s = (sred[tid] + sred[kTileN + tid]) + (sred[2 * kTileN + tid] + sred[3 * kTileN + tid]);
+                if (a.bf16)
+                    s = __bfloat162float(__float2bfloat16_rn(s));
+                dst[n0 + tid] = s;
             }
-        }
-        __syncthreads();
-        if (tid < kTileN && n0 + tid < n_end)
-        {
-            float s = (sred[tid] + sred[kTileN + tid]) + (sred[2 * kTileN + tid] + sred[3 * kTileN + tid]);
-            if (a.bf16)
-                s = __bfloat162float(__float2bfloat16_rn(s));
-            dst[n0 + tid] = s;
         }
     }
     __syncthreads();
@@ -321,12 +358,13 @@ __device__ void score_row(IxArgs const& a, int64_t row, int64_t n_begin, int64_t
     else
     {
         constexpr bool kHalf = kMode == kTensorFp16;
-        uint16_t* sq = reinterpret_cast<uint16_t*>(smem);
+        uint8_t* sraw = smem; // the key stage first: 16-byte aligned for the widest copies
+        uint16_t* sq = reinterpret_cast<uint16_t*>(smem + kStageBytes);
         uint16_t* sk = sq + size_t(a.Hp) * (a.Di + 8);
         float* sw = reinterpret_cast<float*>(sk + size_t(kTileN) * (a.Di + 8));
         float* sred = sw + a.Hp;
         load_query16<kHalf>(a, row, sq, sw);
-        score_range_tc<kHalf>(a, b, n_begin, n_end, sq, sw, sk, sred, dst);
+        score_range_tc<kHalf>(a, b, n_begin, n_end, sq, sw, sk, sred, sraw, dst);
     }
 }
 
