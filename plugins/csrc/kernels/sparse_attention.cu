@@ -1,25 +1,26 @@
 // HybridSparseAttention (exporter/ops.py: sparse_attention): one online softmax over the sliding
 // window and the selected compressed entries, with a per-head sink in the denominator only.
 //
-// Work split: one block per (query row, group of 16 heads, key split). All heads of a row share
-// the same keys (one KV head; every vector is both key and value), so a block stages a tile of 16
-// keys in shared memory once (dequantized to fp32 by the KV loader: plain tensors or the 584-byte
-// FP8 entry) and uses it for its 16 heads: 16 x 16 logits, the online-softmax update, then
-// acc[16 heads][D] += p * v. Keys are the virtual list [window slots 0..L) ++ [selected entries
-// 0..K); invalid keys (outside the window, -1 / out-of-range indices) get probability 0, and tiles
-// without any valid key are skipped before any KV byte is read.
-// When B * S * head-groups is too small to fill the GPU the key list is split over blocks and a
-// second kernel merges the partial (max, sum, acc) triples with the sink (flash-decoding).
-// Two kernels behind one launcher:
-// - tensor cores (the production path: bf16/fp16 q, D == 512, sm_80+): one block per (row, 64
-//   heads (16 when H < 64), key split), 4 warps per 16 heads; tiles of 32 keys staged once as 16-bit
+// Keys are the virtual list [window slots 0..L) ++ [selected entries 0..K) (key_source); invalid
+// keys (outside the window, -1 / out-of-range indices) get probability 0, and tiles without any
+// valid key are skipped. All heads of a row share the same keys (one KV head; every vector is both
+// key and value), so a block stages a key tile once and uses it for all its heads. When B * S *
+// head-groups is too small to fill the GPU the key list is split over blocks and a second kernel
+// merges the partial (max, sum, acc) triples with the sink (flash-decoding).
+//
+// Two kernels behind one launcher, each a template over the KV loader (plain tensors, the ONNX
+// contract, or the production 584-byte FP8 entry):
+// - tensor cores (the production path: bf16/fp16 q, D == 512, sm_80+): one block per (row, 64 heads
+//   (16 when H < 64), key split), 4 warps per 16 heads; tiles of 32 keys decoded once to 16-bit
 //   values for all the block's heads; Q.K^T and P.V are mma.sync m16n8k16 with fp32 accumulation
 //   (plugins/csrc/mma.cuh), softmax in fp32. Each warp scores 8 keys of the tile for its 16 heads
 //   and owns 128 of the 512 output dims. Software-pipelined: the next tile's rows are copied as
-//   stored (cp.async, plugins/csrc/async_copy.cuh) while the block computes on the current one. Keys from the FP8 entry are exact in bf16 (e4m3 times a
-//   power of two; RoPE dims are bf16), so the only roundings are P (and fp16/fp32 KV) to 16 bits.
-// - CUDA cores (fp32 q, other D, sm < 80, or tensor_cores == false): fp32 throughout, exp2 with
-//   the scale folded into q; it is also the 1e-5 reference the fp32 tests hold the op to.
+//   stored (cp.async, plugins/csrc/async_copy.cuh) while the block computes on the current one.
+//   Keys from the FP8 entry are exact in bf16 (e4m3 times a power of two; RoPE dims are bf16), so
+//   the only roundings are P (and fp16/fp32 KV) to 16 bits.
+// - CUDA cores (fp32 q, other D, sm < 80, or tensor_cores == false): one block per (row, 16 heads,
+//   key split), tiles of 16 keys dequantized to fp32, fp32 throughout, exp2 with the scale folded
+//   into q; it is also the 1e-5 reference the fp32 tests hold the op to.
 // wgmma (sm_90a) is the next step for the tensor-core kernel, see docs/plugins.md.
 #include "../async_copy.cuh"
 #include "../mma.cuh"
