@@ -284,6 +284,12 @@ T __ldg(T const* p)
     return *p;
 }
 
+template <class T>
+T __ldcg(T const* p)
+{
+    return __ldg(p);
+}
+
 // Fibers never run at the same time: a read-modify-write is atomic by construction.
 template <class T>
 T atomicAdd(T* p, T v)

@@ -43,6 +43,10 @@ constexpr int kMaxDi = 256;
 constexpr int kMaxTopK = 4096;
 constexpr int kBins = 4096;     // split selection: histogram of the top 12 bits of the order key
 constexpr int kBinShift = 20;
+// after a row's kBins histogram words: its candidate count, how many scoring blocks are done, and
+// the threshold bin with the number of keys in bins >= it
+constexpr int kCount = kBins, kDone = kBins + 1, kBin = kBins + 2, kTotal = kBins + 3;
+constexpr int kHistWords = kBins + 4;
 
 struct IxArgs
 {
@@ -60,7 +64,7 @@ struct IxArgs
     int64_t* out;
     float* ws;        // scores scratch [rows_in_batch][ws_stride]
     int64_t ws_stride; // floats per scores row (>= N, 16-byte multiple)
-    unsigned* hist;   // split selection: [rows_in_batch][kBins + 1] (bins, candidate count)
+    unsigned* hist;   // split selection: [rows_in_batch][kHistWords] (bins, then kCount .. kTotal)
     unsigned long long* cand; // split selection: [rows_in_batch][kMaxTopK] (~key << 32 | index)
     int64_t row0;     // first row of this batch (score scratch row = row - row0)
     int32_t n_chunk;  // split scoring: keys per block
@@ -134,9 +138,10 @@ __device__ void load_query(IxArgs const& a, int64_t row, float* sqt, float* sw)
         sw[h] = h < a.Hi ? load_f(a.w, a.w_dtype, row * a.Hi + h) : 0.F;
 }
 
-//! Scores of keys [n_begin, n_end) of row `row` (batch b) -> dst[n] (fp32, bf16-rounded if asked).
+//! Scores of keys [n_begin, n_end) of row `row` (batch b) -> dst[n] (fp32, bf16-rounded if asked),
+//! counted into the shared histogram shist (top 12 bits of the order key) when it is given.
 __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, float const* sqt,
-    float const* sw, float* skt, float* sred, float* dst)
+    float const* sw, float* skt, float* sred, float* dst, unsigned* shist)
 {
     int const tid = threadIdx.x;
     int const eg = tid % 16, hg = tid / 16;
@@ -198,6 +203,8 @@ __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t
             if (a.bf16)
                 s = __bfloat162float(__float2bfloat16_rn(s));
             dst[n0 + tid] = s;
+            if (shist)
+                atomicAdd(&shist[order_key(s) >> kBinShift], 1U);
         }
     }
     __syncthreads();
@@ -234,7 +241,7 @@ __device__ __forceinline__ void stage_keys(Loader ld, int64_t first_row, int row
 //! Tensor-core scores of keys [n_begin, n_end) of row batch b -> dst[n].
 template <bool kHalf>
 __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, uint16_t const* sq,
-    float const* sw, uint16_t* sk, float* sred, uint8_t* sraw, float* dst)
+    float const* sw, uint16_t* sk, float* sred, uint8_t* sraw, float* dst, unsigned* shist)
 {
     using Plain = PlainLoader<std::conditional_t<kHalf, __half, __nv_bfloat16>>;
     int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, t = lane % 4;
@@ -335,6 +342,8 @@ __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int6
                 if (a.bf16)
                     s = __bfloat162float(__float2bfloat16_rn(s));
                 dst[n0 + tid] = s;
+                if (shist)
+                    atomicAdd(&shist[order_key(s) >> kBinShift], 1U);
             }
         }
     }
@@ -343,7 +352,8 @@ __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int6
 
 //! Load row `row`'s query into shared memory and score its keys [n_begin, n_end) -> dst.
 template <int kMode>
-__device__ void score_row(IxArgs const& a, int64_t row, int64_t n_begin, int64_t n_end, unsigned char* smem, float* dst)
+__device__ void score_row(
+    IxArgs const& a, int64_t row, int64_t n_begin, int64_t n_end, unsigned char* smem, float* dst, unsigned* shist = nullptr)
 {
     int64_t const b = row / a.S;
     if constexpr (kMode == kCudaCores)
@@ -353,7 +363,7 @@ __device__ void score_row(IxArgs const& a, int64_t row, int64_t n_begin, int64_t
         float* skt = sw + a.Hp;
         float* sred = skt + size_t(a.Di) * (kTileN + 4);
         load_query(a, row, sqt, sw);
-        score_range(a, b, n_begin, n_end, sqt, sw, skt, sred, dst);
+        score_range(a, b, n_begin, n_end, sqt, sw, skt, sred, dst, shist);
     }
     else
     {
@@ -364,7 +374,7 @@ __device__ void score_row(IxArgs const& a, int64_t row, int64_t n_begin, int64_t
         float* sw = reinterpret_cast<float*>(sk + size_t(kTileN) * (a.Di + 8));
         float* sred = sw + a.Hp;
         load_query16<kHalf>(a, row, sq, sw);
-        score_range_tc<kHalf>(a, b, n_begin, n_end, sq, sw, sk, sred, sraw, dst);
+        score_range_tc<kHalf>(a, b, n_begin, n_end, sq, sw, sk, sred, sraw, dst, shist);
     }
 }
 
@@ -556,28 +566,16 @@ __global__ void __launch_bounds__(kThreads) indexer_fused_kernel(IxArgs a)
     block_topk(scores, n, a.topk, a.out + row * a.topk, sel);
 }
 
-//! Grid-wide scoring for few, long rows: block (chunk, row) scores keys [chunk * n_chunk, ...).
-template <int kMode>
-__global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
-{
-    HATRT_DYNAMIC_SMEM(float4, smem4);
-    int64_t const row = a.row0 + blockIdx.y;
-    int64_t const n = visible_count(a, row);
-    int64_t const begin = int64_t(blockIdx.x) * a.n_chunk;
-    if (begin >= n)
-        return;
-    int64_t const end = begin + a.n_chunk < n ? begin + a.n_chunk : n;
-    score_row<kMode>(a, row, begin, end, reinterpret_cast<unsigned char*>(smem4), a.ws + size_t(blockIdx.y) * a.ws_stride);
-}
-
-// Split selection for few, long rows (after indexer_score_kernel), so that no single block reads
-// a whole row four times: (1) every chunk block adds its keys' top 12 bits to the row's histogram;
-// (2) every chunk block finds the row's threshold bin from it (the highest bin b with at least k
-// keys in bins >= b) and appends its keys in bins >= b to the row's candidates, as unique
-// (~key << 32 | index) pairs; (3) one block per row sorts those candidates: ascending pairs are
-// the rank order with the lower index first among equal scores, the same tie rule. A row whose
-// candidates would exceed kMaxTopK (a crowded threshold bin) falls back to block_topk over its
-// scores, as do rows with at most k visible keys.
+// Split selection for few, long rows, so that no single block reads a whole row four times:
+// (1) indexer_score_kernel: every chunk block scores its keys and adds their top 12 bits to the
+//     row's histogram; the row's last block to finish finds the threshold bin (the highest bin b
+//     with at least k keys in bins >= b);
+// (2) indexer_filter_kernel: every chunk block appends its keys in bins >= b to the row's
+//     candidates, as unique (~key << 32 | index) pairs;
+// (3) indexer_final_kernel: one block per row sorts the candidates: ascending pairs are the rank
+//     order with the lower index first among equal scores, the same tie rule.
+// A row whose candidates would exceed kMaxTopK (a crowded threshold bin) falls back to block_topk
+// over its scores, as do rows with at most k visible keys.
 __device__ __forceinline__ bool chunk_range(IxArgs const& a, int64_t row, int64_t& begin, int64_t& end, int64_t& n)
 {
     n = visible_count(a, row);
@@ -586,26 +584,8 @@ __device__ __forceinline__ bool chunk_range(IxArgs const& a, int64_t row, int64_
     return begin < n && n > a.topk;
 }
 
-__global__ void __launch_bounds__(kThreads) indexer_hist_kernel(IxArgs a)
-{
-    __shared__ unsigned hist[kBins];
-    int64_t begin, end, n;
-    if (!chunk_range(a, a.row0 + blockIdx.y, begin, end, n))
-        return;
-    for (int i = threadIdx.x; i < kBins; i += kThreads)
-        hist[i] = 0;
-    __syncthreads();
-    float const* sc = a.ws + size_t(blockIdx.y) * a.ws_stride;
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads)
-        atomicAdd(&hist[order_key(sc[i]) >> kBinShift], 1U);
-    __syncthreads();
-    unsigned* gh = a.hist + size_t(blockIdx.y) * (kBins + 1);
-    for (int i = threadIdx.x; i < kBins; i += kThreads)
-        if (hist[i] != 0)
-            atomicAdd(&gh[i], hist[i]);
-}
-
-//! The row's threshold bin and how many keys lie in bins >= it (warp 0; 32 lanes x 128 bins).
+//! The row's threshold bin and how many keys lie in bins >= it (warp 0; 32 lanes x 128 bins). The
+//! histogram was written by other blocks of this launch: read through L2 (__ldcg), not L1.
 __device__ void threshold_bin(unsigned const* gh, int k, int& bin, int& total)
 {
     int const lane = threadIdx.x % 32;
@@ -613,7 +593,7 @@ __device__ void threshold_bin(unsigned const* gh, int k, int& bin, int& total)
     int const top = kBins - 1 - lane * kPer; // lane l owns bins top, top - 1, ..., top - kPer + 1
     int c = 0;
     for (int j = 0; j < kPer; ++j)
-        c += int(gh[top - j]);
+        c += int(__ldcg(gh + top - j));
     int incl = c;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1)
@@ -628,7 +608,7 @@ __device__ void threshold_bin(unsigned const* gh, int k, int& bin, int& total)
         int run = excl;
         for (int j = 0; j < kPer; ++j)
         {
-            run += int(gh[top - j]);
+            run += int(__ldcg(gh + top - j));
             if (run >= k)
             {
                 bin = top - j;
@@ -639,29 +619,64 @@ __device__ void threshold_bin(unsigned const* gh, int k, int& bin, int& total)
     }
 }
 
+//! Grid-wide scoring for few, long rows: block (chunk, row) scores keys [chunk * n_chunk, ...) and
+//! does step (1) of the split selection.
+template <int kMode>
+__global__ void __launch_bounds__(kThreads) indexer_score_kernel(IxArgs a)
+{
+    HATRT_DYNAMIC_SMEM(float4, smem4);
+    __shared__ unsigned hist[kBins];
+    __shared__ int s_last;
+    int64_t const row = a.row0 + blockIdx.y;
+    int64_t begin, end, n;
+    bool const counted = chunk_range(a, row, begin, end, n); // uniform in the block
+    if (n <= a.topk && begin >= n)
+        return;
+    if (counted)
+    {
+        for (int i = threadIdx.x; i < kBins; i += kThreads)
+            hist[i] = 0;
+        __syncthreads();
+    }
+    if (begin < n)
+        score_row<kMode>(a, row, begin, end, reinterpret_cast<unsigned char*>(smem4),
+            a.ws + size_t(blockIdx.y) * a.ws_stride, counted ? hist : nullptr);
+    if (n <= a.topk)
+        return; // every visible key is selected: the final kernel needs no histogram
+    unsigned* gh = a.hist + size_t(blockIdx.y) * kHistWords;
+    __syncthreads();
+    if (counted)
+        for (int i = threadIdx.x; i < kBins; i += kThreads)
+            if (hist[i] != 0)
+                atomicAdd(&gh[i], hist[i]);
+    __threadfence(); // this block's counts reach L2 before it reports done
+    __syncthreads();
+    if (threadIdx.x == 0)
+        s_last = atomicAdd(&gh[kDone], 1U) == gridDim.x - 1;
+    __syncthreads();
+    if (!s_last || threadIdx.x >= 32)
+        return;
+    int bin = 0, total = 0;
+    threshold_bin(gh, a.topk, bin, total);
+    if (total > 0) // the one lane that found it
+    {
+        gh[kBin] = unsigned(bin);
+        gh[kTotal] = unsigned(total);
+    }
+}
+
 __global__ void __launch_bounds__(kThreads) indexer_filter_kernel(IxArgs a)
 {
-    __shared__ int s_bin, s_total, s_base;
+    __shared__ int s_base;
     __shared__ int warp_cnt[kThreads / 32];
     int64_t begin, end, n;
     if (!chunk_range(a, a.row0 + blockIdx.y, begin, end, n))
         return;
     int const tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-    unsigned* gh = a.hist + size_t(blockIdx.y) * (kBins + 1);
-    if (warp == 0)
-    {
-        int bin = 0, total = 0;
-        threshold_bin(gh, a.topk, bin, total);
-        if (total > 0) // the one lane that found it
-        {
-            s_bin = bin;
-            s_total = total;
-        }
-    }
-    __syncthreads();
-    if (s_total > kMaxTopK)
+    unsigned* gh = a.hist + size_t(blockIdx.y) * kHistWords;
+    if (gh[kTotal] > unsigned(kMaxTopK))
         return; // crowded threshold bin: the final kernel selects from all scores
-    uint32_t const bin = uint32_t(s_bin);
+    uint32_t const bin = gh[kBin];
     float const* sc = a.ws + size_t(blockIdx.y) * a.ws_stride;
     unsigned long long* cand = a.cand + size_t(blockIdx.y) * kMaxTopK;
     for (int64_t start = begin; start < end; start += kThreads)
@@ -682,13 +697,14 @@ __global__ void __launch_bounds__(kThreads) indexer_filter_kernel(IxArgs a)
                 warp_cnt[w] = total;
                 total += c;
             }
-            s_base = total > 0 ? int(atomicAdd(&gh[kBins], unsigned(total))) : 0;
+            s_base = total > 0 ? int(atomicAdd(&gh[kCount], unsigned(total))) : 0;
         }
         __syncthreads();
         if (flag)
         {
             int const slot = s_base + warp_cnt[warp] + __popc(ballot & ((1U << lane) - 1U));
-            cand[slot] = (static_cast<unsigned long long>(~key) << 32) | static_cast<uint32_t>(i);
+            if (slot < kMaxTopK) // always, since kTotal <= kMaxTopK; never write past the row's list
+                cand[slot] = (static_cast<unsigned long long>(~key) << 32) | static_cast<uint32_t>(i);
         }
         __syncthreads(); // warp_cnt / s_base are rewritten by the next round
     }
@@ -701,7 +717,7 @@ __global__ void __launch_bounds__(kThreads) indexer_final_kernel(IxArgs a)
     int64_t const n = visible_count(a, row);
     float const* sc = a.ws + size_t(blockIdx.x) * a.ws_stride;
     int64_t* out = a.out + row * a.topk;
-    int const count = int(a.hist[size_t(blockIdx.x) * (kBins + 1) + kBins]);
+    int const count = int(a.hist[size_t(blockIdx.x) * kHistWords + kCount]);
     // the filter either wrote every key of bins >= the threshold bin (>= k of them) or nothing
     if (n <= a.topk || count < a.topk || count > kMaxTopK)
     {
@@ -764,7 +780,7 @@ size_t scores_row_bytes(int64_t N)
 
 size_t ws_row_bytes(int64_t N)
 {
-    return scores_row_bytes(N) + size_t(kMaxTopK) * sizeof(unsigned long long) + size_t(kBins + 1) * sizeof(unsigned);
+    return scores_row_bytes(N) + size_t(kMaxTopK) * sizeof(unsigned long long) + size_t(kHistWords) * sizeof(unsigned);
 }
 } // namespace detail
 
@@ -821,7 +837,7 @@ cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStr
     if (score_smem + select_smem > size_t(optin))
         return cudaErrorInvalidValue;
 
-    // workspace: scores [ws_rows][ws_stride] | candidates [ws_rows][kMaxTopK] | histograms [ws_rows][kBins + 1]
+    // workspace: scores [ws_rows][ws_stride] | candidates [ws_rows][kMaxTopK] | histograms [ws_rows][kHistWords]
     unsigned char* base = static_cast<unsigned char*>(p.workspace);
     a.ws_stride = int64_t(scores_row_bytes(p.N) / sizeof(float));
     a.ws = reinterpret_cast<float*>(base);
@@ -861,10 +877,9 @@ cudaError_t launch_indexer(detail::IxArgs a, IndexerTopKParams const& p, cudaStr
         n_chunk = (n_chunk + kTileN - 1) / kTileN * kTileN;
         a.n_chunk = int32_t(n_chunk);
         dim3 grid(unsigned((p.N + n_chunk - 1) / n_chunk), unsigned(nr));
-        if ((err = cudaMemsetAsync(a.hist, 0, size_t(nr) * (kBins + 1) * sizeof(unsigned), stream)) != cudaSuccess)
+        if ((err = cudaMemsetAsync(a.hist, 0, size_t(nr) * kHistWords * sizeof(unsigned), stream)) != cudaSuccess)
             return err;
         HATRT_LAUNCH(score, grid, kThreads, score_smem, stream)(a);
-        HATRT_LAUNCH(indexer_hist_kernel, grid, kThreads, 0, stream)(a);
         HATRT_LAUNCH(indexer_filter_kernel, grid, kThreads, 0, stream)(a);
         HATRT_LAUNCH(indexer_final_kernel, unsigned(nr), kThreads, 0, stream)(a);
         if ((err = cudaGetLastError()) != cudaSuccess)
