@@ -130,6 +130,13 @@ def _mismatch_fraction(out, ref, rtol=1e-5, atol=1e-6) -> float:
     return bad.float().mean().item()
 
 
+def _assert_untouched(cache, slot, fill, msg):
+    """A cache write changed only the rows it was given (negative slots are skipped)."""
+    untouched = torch.ones(cache.shape[0], dtype=torch.bool, device=cache.device)
+    untouched[slot[slot >= 0]] = False
+    assert (cache[untouched] == fill).all(), msg
+
+
 # ----------------------------------------------------------------------------- KV entry (584 B)
 def test_kv_write_read_584(kern):
     ext, (_, quant) = kern.ext, _ref()
@@ -152,11 +159,8 @@ def test_kv_write_read_584(kern):
         assert torch.isfinite(out).all(), msg
         assert _mismatch_fraction(out, ref, rtol=0, atol=0) <= 1e-3, msg  # bit-exact but for log2 edge cases
         assert _rel(out, ref) < 1e-2, msg
-        written = slot[slot >= 0]
-        assert (cache[written, 583] == 0).all(), msg
-        untouched = torch.ones(rows, dtype=torch.bool, device=kern.dev)
-        untouched[written] = False
-        assert (cache[untouched] == 0xAB).all(), msg
+        assert (cache[slot[slot >= 0], 583] == 0).all(), msg
+        _assert_untouched(cache, slot, 0xAB, msg)
 
 
 # ----------------------------------------------------------------------------- compressor
@@ -300,10 +304,7 @@ def test_index_key_write_read(kern):
         msg = f"width={width} dtype={dtype} seed={seed}"
         assert torch.isfinite(out).all(), msg
         assert _mismatch_fraction(out, ref, rtol=0, atol=0) <= 1e-3, msg  # bit-exact but for log2 edge cases
-        written = slot[slot >= 0]
-        untouched = torch.ones(rows, dtype=torch.bool, device=kern.dev)
-        untouched[written] = False
-        assert (cache[untouched] == 0xAB).all(), msg
+        _assert_untouched(cache, slot, 0xAB, msg)
 
 
 def test_indexer_topk_exact_ties(kern):

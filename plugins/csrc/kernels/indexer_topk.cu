@@ -138,6 +138,17 @@ __device__ void load_query(IxArgs const& a, int64_t row, float* sqt, float* sw)
         sw[h] = h < a.Hi ? load_f(a.w, a.w_dtype, row * a.Hi + h) : 0.F;
 }
 
+//! One finished score, as both scorers store it: rounded to bf16 if asked, then counted into the
+//! shared histogram shist (top 12 bits of the order key) when one is given.
+__device__ __forceinline__ void store_score(IxArgs const& a, float* dst, float s, unsigned* shist)
+{
+    if (a.bf16)
+        s = __bfloat162float(__float2bfloat16_rn(s));
+    *dst = s;
+    if (shist)
+        atomicAdd(&shist[order_key(s) >> kBinShift], 1U);
+}
+
 //! Scores of keys [n_begin, n_end) of row `row` (batch b) -> dst[n] (fp32, bf16-rounded if asked),
 //! counted into the shared histogram shist (top 12 bits of the order key) when it is given.
 __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t n_end, float const* sqt,
@@ -200,11 +211,7 @@ __device__ void score_range(IxArgs const& a, int64_t b, int64_t n_begin, int64_t
 #pragma unroll
             for (int g = 0; g < 16; ++g)
                 s += sred[g * kTileN + tid];
-            if (a.bf16)
-                s = __bfloat162float(__float2bfloat16_rn(s));
-            dst[n0 + tid] = s;
-            if (shist)
-                atomicAdd(&shist[order_key(s) >> kBinShift], 1U);
+            store_score(a, dst + n0 + tid, s, shist);
         }
     }
     __syncthreads();
@@ -339,11 +346,7 @@ __device__ void score_range_tc(IxArgs const& a, int64_t b, int64_t n_begin, int6
             if (tid < kTileN && n0 + tid < n_end)
             {
                 float s = (sred[tid] + sred[kTileN + tid]) + (sred[2 * kTileN + tid] + sred[3 * kTileN + tid]);
-                if (a.bf16)
-                    s = __bfloat162float(__float2bfloat16_rn(s));
-                dst[n0 + tid] = s;
-                if (shist)
-                    atomicAdd(&shist[order_key(s) >> kBinShift], 1U);
+                store_score(a, dst + n0 + tid, s, shist);
             }
         }
     }
