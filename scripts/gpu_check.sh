@@ -6,7 +6,8 @@
 #   2. build the torch extension that exposes the launchers and run the reference comparisons
 #      (plugins/tests/test_kernels.py, target cuda: fresh random inputs, NaN-poisoned outputs);
 #   3. run the plugin harness (creators -> plugins -> enqueue on the GPU, no TensorRT builder);
-#   4. a small benchmark (plugins/bench/bench_kernels.py) with the card's copy bandwidth / matmul rate.
+#   4. the kernel benchmark (plugins/bench/bench_kernels.py): every kernel at V4-Flash / V4-Pro shapes against
+#      the card's measured copy bandwidth and matrix rates (bench.json, bench.txt, bench.png).
 # Everything is logged under $OUT (the device tool's output folder) or build/gpu_check.
 #
 #   bash scripts/gpu_check.sh                     # full
@@ -81,8 +82,12 @@ else
 fi
 
 step "benchmark"
-timeout 240 "$PY" plugins/bench/bench_kernels.py --out "$OUT_DIR/bench.json" ${QUICK:+--quick} 2>&1 | tee "$OUT_DIR/bench.txt" | tail -40
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
+# the table goes to bench.txt (and is printed), per-case progress and any error to bench_progress.txt
+PYTHONUNBUFFERED=1 timeout 240 "$PY" plugins/bench/bench_kernels.py --out "$OUT_DIR/bench.json" \
+  --plot "$OUT_DIR/bench.png" ${QUICK:+--quick} >"$OUT_DIR/bench.txt" 2>"$OUT_DIR/bench_progress.txt"
+rc=$?
+cat "$OUT_DIR/bench.txt"
+if [ "$rc" != 0 ]; then echo "benchmark FAILED (rc $rc)"; tail -20 "$OUT_DIR/bench_progress.txt"; status=1; fi
 
 step "done: status $status"
 exit $status

@@ -84,13 +84,29 @@ def test_plugin_harness_enqueue_emulated(emu_objects):
 
 
 def test_kernel_benchmark_script_smoke(tmp_path):
-    """plugins/bench/bench_kernels.py runs end to end (every call once, tiny shapes, on the
-    emulator), so GPU time is not lost to a script error. Its times mean nothing here."""
-    out = tmp_path / "bench.json"
-    proc = _run([sys.executable, PLUGINS / "bench" / "bench_kernels.py", "--smoke", "--out", out], timeout=900)
+    """plugins/bench/bench_kernels.py runs end to end (every kind of case once, tiny shapes, on the
+    emulator), so GPU time is not lost to a script error. Its times mean nothing here; what is
+    checked is that every kernel and case family is there and the derived columns are consistent."""
+    import importlib.util
     import json
 
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = _run([sys.executable, PLUGINS / "bench" / "bench_kernels.py", "--smoke", "--out", out, "--plot", png],
+                timeout=900)
+    assert "CUDA emulator" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
-    assert {"attention_tc", "attention_fp32", "indexer_fp4", "indexer_bf16", "indexer_bf16_fp32", "compress"} <= kernels
-    assert "CUDA emulator" in proc.stdout
+    assert {"attention_tc", "attention_fp32", "indexer_fp4", "indexer_bf16", "indexer_bf16_fp32", "compress_kv",
+            "compress_index", "kv_write"} <= kernels
+    cases = " | ".join(r["case"] for r in rows)
+    for family in ("V4-Flash CSA", "V4-Pro CSA", "V4-Flash HCA", "V4-Pro HCA", "V4-Flash/TP4", "V4-Flash/TP8",
+                   "top-1024", "decode", "prefill"):
+        assert family in cases, family
+    for r in rows:
+        assert r["time_us"] > 0 and r["bytes"] > 0, r
+        assert r["bound"] in ("memory", "compute"), r
+        # the floor is the larger of the two ceilings' times; with unit ceilings it is bytes or FLOPs
+        assert r["floor_us"] == max(r["bytes"], r["flops"]) * 1e6, r
+    assert not list(tmp_path.glob("*.tmp*")), "temporary files left behind"
+    if importlib.util.find_spec("matplotlib"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
