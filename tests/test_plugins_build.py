@@ -120,6 +120,15 @@ def test_kernel_api_is_plain_cpp(build_dir):
     _run(["g++", "-std=c++17", "-fsyntax-only", f"-I{PLUGINS / 'csrc' / 'include'}", *_cuda_include(), str(cpp)])
 
 
+def test_gpu_selftest_compiles(build_dir):
+    """scripts/gpu_check.sh's first GPU step builds plugins/emu/emu_selftest.cu with nvcc (it checks
+    the mma fragment layout on the hardware): a compile error there would waste the GPU time."""
+    obj = build_dir / "emu_selftest.sm_90a.o"
+    _run([NVCC, "-std=c++17", "-O2", "-gencode=arch=compute_90a,code=sm_90a", f"-I{PLUGINS / 'csrc' / 'include'}",
+          "-c", str(PLUGINS / "emu" / "emu_selftest.cu"), "-o", str(obj)])
+    assert obj.stat().st_size > 0
+
+
 needs_trt = pytest.mark.skipif(not (TRT_INCLUDE / "NvInferRuntime.h").exists(),
                                reason=f"TensorRT headers not found in {TRT_INCLUDE}")
 
