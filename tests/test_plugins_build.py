@@ -129,6 +129,23 @@ def test_gpu_selftest_compiles(build_dir):
     assert obj.stat().st_size > 0
 
 
+def test_torch_binding_gpu_branch_compiles(build_dir):
+    """The GPU build of the torch binding (plugins/tests/torch_ext.cpp without HATRT_CUDA_EMU: CUDA
+    guard, current stream) compiles; CI only ever builds its emulated branch. A CPU torch wheel
+    ships c10/cuda but not its generated cmake-macros header, which a one-line stand-in replaces."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    stub = build_dir / "stub_include" / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    torch_inc = [f"-I{p}" for p in cpp_extension.include_paths()]
+    _run(["g++", "-std=c++20", "-fsyntax-only", "-w", *torch_inc, f"-I{build_dir / 'stub_include'}",
+          f"-I{sysconfig.get_paths()['include']}", f"-I{PLUGINS / 'csrc' / 'include'}", *_cuda_include(),
+          "-DTORCH_EXTENSION_NAME=hatrt_kernels_ext", str(PLUGINS / "tests" / "torch_ext.cpp")])
+
+
 needs_trt = pytest.mark.skipif(not (TRT_INCLUDE / "NvInferRuntime.h").exists(),
                                reason=f"TensorRT headers not found in {TRT_INCLUDE}")
 
