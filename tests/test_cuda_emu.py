@@ -4,6 +4,11 @@
   both thread orders, mma.sync follows the documented fragment layout; a missing __syncthreads, a
   shuffle with an exited lane, a barrier half the block cannot reach, a misaligned vector load and
   shared memory beyond the opt-in limit are all exposed.
+- The emulator under AddressSanitizer (plugins/emu/asan_selftest.cu): planted out-of-bounds
+  accesses to a tensor, to dynamic and static shared memory and to a thread-local array are
+  reported; correct kernels and the whole self-test run clean. Then every kernel test of
+  plugins/tests/test_kernels.py (target "emulated", small cases) again under ASan: the
+  out-of-bounds reads and writes that a GPU run would need compute-sanitizer's memcheck for.
 - The plugin harness with its GPU part on the emulator: every plugin created through its creator,
   configured, and enqueued on NaN-poisoned outputs; results equal the launchers bit for bit
   (needs the TensorRT headers, see docs/plugins.md).
@@ -66,6 +71,69 @@ def test_emulator_selftest(emu_objects):
           EMU / "emu_selftest.cu", "-x", "none", runtime, "-o", exe])
     proc = _run([exe], timeout=120)
     assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout
+
+
+ASAN = kernels_ext.asan_runtime()
+needs_asan = pytest.mark.skipif(ASAN is None, reason="the compiler has no AddressSanitizer runtime (libasan.so)")
+ASAN_ENV = {"ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1", "LD_PRELOAD": ASAN or ""}
+
+
+@pytest.fixture(scope="module")
+def asan_runtime_object(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("emu_asan")
+    runtime = out / "cuda_emu.o"
+    _run([CXX, *EMU_FLAGS, "-g", "-fsanitize=address", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
+          "-c", EMU / "cuda_emu.cpp", "-o", runtime])
+    return runtime
+
+
+def _asan_program(runtime: Path, source: Path) -> Path:
+    exe = runtime.parent / source.stem
+    _run([CXX, *EMU_FLAGS, "-g", "-fsanitize=address", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
+          "-x", "c++", "-include", EMU / "cuda_emu.h", source, "-x", "none", runtime, "-o", exe])
+    return exe
+
+
+@needs_asan
+def test_emulator_under_address_sanitizer(asan_runtime_object):
+    """Under ASan the emulator's fiber switches cause no false reports (the self-test, with its
+    deadlocks and faults, and a clean kernel pass), and each planted overrun is reported with the
+    kernel's source line."""
+    env = {**os.environ, "ASAN_OPTIONS": ASAN_ENV["ASAN_OPTIONS"]}
+    selftest = _asan_program(asan_runtime_object, EMU / "emu_selftest.cu")
+    proc = subprocess.run([selftest], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "ERROR: AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout
+    exe = _asan_program(asan_runtime_object, EMU / "asan_selftest.cu")
+    proc = subprocess.run([exe, "clean"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "ERROR: AddressSanitizer" not in proc.stderr, proc.stderr[-4000:]
+    for case, kind, kernel in (("global", "heap-buffer-overflow", "global_kernel"),
+                               ("dynamic-smem", "heap-buffer-overflow", "dynamic_smem_kernel"),
+                               ("static-smem", "global-buffer-overflow", "static_smem_kernel"),
+                               ("stack", "stack-buffer-overflow", "stack_kernel")):
+        proc = subprocess.run([exe, case], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode != 0, f"{case}: not reported\n{proc.stdout}\n{proc.stderr[-2000:]}"
+        assert f"ERROR: AddressSanitizer: {kind}" in proc.stderr, f"{case}\n{proc.stderr[-4000:]}"
+        assert kernel in proc.stderr, f"{case}: the report does not name the kernel\n{proc.stderr[-4000:]}"
+
+
+@needs_asan
+def test_kernels_under_address_sanitizer(tmp_path):
+    """plugins/tests/test_kernels.py (target "emulated", HATRT_KERNEL_CASES=small) with the kernels
+    and the emulator built with AddressSanitizer (kernels_ext.load(sanitize="address")): every read
+    and write of every kernel stays inside its tensors, its shared memory and its stack. Reports go
+    to files (pytest's output capture would swallow a report that ends the process)."""
+    log = tmp_path / "asan"
+    env = {**os.environ, **ASAN_ENV, "HATRT_EMU_SANITIZE": "address", "HATRT_KERNEL_CASES": "small",
+           "ASAN_OPTIONS": f"{ASAN_ENV['ASAN_OPTIONS']}:log_path={log}"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGINS / "tests" / "test_kernels.py"),
+           "-k", "emulated"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
+    reports = [f.read_text() for f in sorted(tmp_path.glob("asan*"))]
+    errors = [r for r in reports if "ERROR: AddressSanitizer" in r]
+    assert not errors, errors[0][-6000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.skipif(not (TRT_INCLUDE / "NvInferRuntime.h").exists(), reason=f"TensorRT headers not found in {TRT_INCLUDE}")

@@ -4,6 +4,12 @@
 // locking. Errors are sticky until cudaGetLastError() reads them, as on a device.
 // Fibers switch with _setjmp/_longjmp (no signal-mask system call, unlike swapcontext); ucontext
 // only starts them. glibc's fortified longjmp refuses jumps between stacks, hence the #undef.
+// AddressSanitizer builds (kernels_ext.load(sanitize="address")) need nothing special: the fiber
+// switches are deliberately NOT announced to ASan (__sanitizer_start_switch_fiber), because its
+// longjmp interceptor would then unpoison every live frame of the fiber at each switch and hide
+// overflows of thread-local arrays. Unannounced, it ignores the jumps (one warning) and a reused
+// fiber stack is cleaned by its swapcontext interceptor when the next fiber starts on it. Shared
+// memory and cudaMalloc are exact-size heap blocks, so an overrun lands in ASan's red zone.
 #undef _FORTIFY_SOURCE
 #include "cuda_emu.h"
 
@@ -71,11 +77,31 @@ struct Warp
     unsigned generation = 0;
 };
 
+//! Dynamic shared memory of the running block: exactly the launch's size, from the heap, so an
+//! AddressSanitizer build reports an access past its end.
+struct SharedMemory
+{
+    unsigned char* data = nullptr;
+    size_t bytes = 0;
+    explicit SharedMemory(size_t n) : bytes(n)
+    {
+        void* p = nullptr;
+        if (posix_memalign(&p, 128, n == 0 ? 1 : n) == 0)
+            data = static_cast<unsigned char*>(p);
+    }
+    ~SharedMemory()
+    {
+        std::free(data);
+    }
+    SharedMemory(SharedMemory const&) = delete;
+    SharedMemory& operator=(SharedMemory const&) = delete;
+};
+
 struct Block
 {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
-    std::vector<unsigned char> smem;
+    SharedMemory* smem = nullptr;
     int barrier_result = 0;
     int reduce = 0;
     Fiber* current = nullptr;
@@ -352,7 +378,7 @@ void async_wait_all()
 
 void* dynamic_smem()
 {
-    return g_block->smem.data();
+    return g_block->smem->data;
 }
 
 char const* last_error_message()
@@ -407,8 +433,17 @@ cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_sme
             for (unsigned x = 0; x < grid.x && ok; ++x)
             {
                 g_blockIdx = uint3{x, y, z};
-                b.smem.assign(dynamic_smem_bytes + 16, 0xFF); // NaN-poisoned, like uninitialized memory
+                SharedMemory smem(dynamic_smem_bytes);
+                if (smem.data == nullptr)
+                {
+                    b.error = "no memory for the dynamic shared memory";
+                    ok = false;
+                    break;
+                }
+                std::memset(smem.data, 0xFF, dynamic_smem_bytes); // NaN-poisoned, like uninitialized memory
+                b.smem = &smem;
                 ok = run_block(b, reverse);
+                b.smem = nullptr;
             }
     g_block = nullptr;
     if (!ok)
@@ -512,8 +547,9 @@ cudaError_t CUDARTAPI cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr att
 
 cudaError_t CUDARTAPI cudaMalloc(void** ptr, size_t size)
 {
-    *ptr = std::aligned_alloc(256, (size + 255) / 256 * 256);
-    return *ptr ? cudaSuccess : cudaErrorMemoryAllocation;
+    // exactly `size` bytes (256-aligned, as cudaMalloc), so ASan builds see an overrun
+    *ptr = nullptr;
+    return posix_memalign(ptr, 256, size == 0 ? 1 : size) == 0 ? cudaSuccess : cudaErrorMemoryAllocation;
 }
 
 cudaError_t CUDARTAPI cudaFree(void* ptr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ EMU = PLUGINS / "emu"
 KERNELS = sorted((CSRC / "kernels").glob("*.cu"))
 BINDING = PLUGINS / "tests" / "torch_ext.cpp"
 
-_EXT: dict[bool, object] = {}
+_EXT: dict[tuple, object] = {}
 
 
 def arch_list() -> str:
@@ -70,10 +71,30 @@ def _emulated_sources(build: Path) -> list[Path]:
     return out
 
 
-def load(emulate: bool = False, verbose: bool = False):
-    """The compiled extension module (built once per process, cached on disk by torch)."""
-    if emulate in _EXT:
-        return _EXT[emulate]
+def asan_runtime() -> str | None:
+    """The AddressSanitizer runtime of the host compiler (to LD_PRELOAD), or None."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    out = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return out if out and os.path.isabs(out) and os.path.exists(out) else None
+
+
+def load(emulate: bool = False, verbose: bool = False, sanitize: str | None = None):
+    """The compiled extension module (built once per process, cached on disk by torch).
+
+    sanitize="address" (emulated only; default: the HATRT_EMU_SANITIZE environment variable) builds
+    the kernels and the emulator with AddressSanitizer: an out-of-bounds access to a tensor, to
+    dynamic or static shared memory, or to a thread's stack stops the process with a report. The
+    process must start with the ASan runtime preloaded (LD_PRELOAD=asan_runtime(),
+    ASAN_OPTIONS=detect_leaks=0): tests/test_cuda_emu.py does that."""
+    if emulate and sanitize is None:
+        sanitize = os.environ.get("HATRT_EMU_SANITIZE") or None
+    if sanitize not in (None, "address"):
+        raise ValueError(f"sanitize must be None or 'address', not {sanitize!r}")
+    key = (emulate, sanitize)
+    if key in _EXT:
+        return _EXT[key]
     import torch
     from torch.utils import cpp_extension
 
@@ -82,23 +103,28 @@ def load(emulate: bool = False, verbose: bool = False):
         why = emulator_available()
         if why:
             raise RuntimeError(f"cannot build the emulated kernels: {why}")
-        build = ROOT / "build" / "torch_ext_emu"
+        suffix = "_asan" if sanitize else ""
+        flags = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        build = ROOT / "build" / f"torch_ext_emu{suffix}"
         build.mkdir(parents=True, exist_ok=True)
-        _EXT[emulate] = cpp_extension.load(
-            name="hatrt_kernels_emu",
+        _EXT[key] = cpp_extension.load(
+            name=f"hatrt_kernels_emu{suffix}",
             sources=[str(BINDING), str(EMU / "cuda_emu.cpp"), *map(str, _emulated_sources(build))],
             extra_include_paths=[str(CSRC / "include"), str(EMU), str(cuda_include())],
-            extra_cflags=["-O2", "-DHATRT_CUDA_EMU", "-Wno-unknown-pragmas"],
+            extra_cflags=["-O2", "-DHATRT_CUDA_EMU", "-Wno-unknown-pragmas", *flags],
+            extra_ldflags=flags,
             build_directory=str(build),
             verbose=verbose,
         )
-        return _EXT[emulate]
+        return _EXT[key]
+    if sanitize:
+        raise ValueError("sanitize applies to the emulated build (on a GPU: compute-sanitizer, scripts/gpu_check.sh)")
     if not torch.cuda.is_available():
         raise RuntimeError("the kernel extension needs a CUDA device (or load(emulate=True))")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list()
     build = ROOT / "build" / "torch_ext"
     build.mkdir(parents=True, exist_ok=True)
-    _EXT[emulate] = cpp_extension.load(
+    _EXT[key] = cpp_extension.load(
         name="hatrt_kernels_ext",
         sources=[str(BINDING), *map(str, KERNELS)],
         extra_include_paths=[str(CSRC / "include")],
@@ -107,7 +133,7 @@ def load(emulate: bool = False, verbose: bool = False):
         build_directory=str(build),
         verbose=verbose,
     )
-    return _EXT[emulate]
+    return _EXT[key]
 
 
 if __name__ == "__main__":
