@@ -10,12 +10,32 @@
 // overflows of thread-local arrays. Unannounced, it ignores the jumps (one warning) and a reused
 // fiber stack is cleaned by its swapcontext interceptor when the next fiber starts on it. Shared
 // memory and cudaMalloc are exact-size heap blocks, so an overrun lands in ASan's red zone.
+// ThreadSanitizer builds (sanitize="thread") make every CUDA thread a TSan fiber and switch
+// without synchronization, so TSan sees the threads of a block as concurrent; the happens-before
+// edges are exactly CUDA's: each barrier (__syncthreads*, and the warp-synchronous ops for their
+// lanes) is a release by every arriving thread and an acquire by every leaving one, blocks and
+// launches are ordered (as a stream orders launches; blocks of one launch are not ordered on a
+// GPU, so races between blocks are not reported), and the emulator's own bookkeeping is hidden
+// from TSan. Atomics are relaxed, as on a GPU: they order nothing.
 #undef _FORTIFY_SOURCE
 #include "cuda_emu.h"
 
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+
+#if !defined(__SANITIZE_THREAD__) && defined(__has_feature)
+#if __has_feature(thread_sanitizer) // clang's spelling
+#define __SANITIZE_THREAD__ 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" void AnnotateIgnoreReadsBegin(char const* file, int line);
+extern "C" void AnnotateIgnoreReadsEnd(char const* file, int line);
+extern "C" void AnnotateIgnoreWritesBegin(char const* file, int line);
+extern "C" void AnnotateIgnoreWritesEnd(char const* file, int line);
+#endif
 
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +55,67 @@ dim3 g_gridDim{};
 
 namespace
 {
+
+//! ThreadSanitizer hooks (no-ops in other builds).
+namespace tsan
+{
+#if defined(__SANITIZE_THREAD__)
+void* current()
+{
+    return __tsan_get_current_fiber();
+}
+void* create()
+{
+    return __tsan_create_fiber(0);
+}
+void switch_to(void* fiber)
+{
+    __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync);
+}
+void release(void* token)
+{
+    __tsan_release(token);
+}
+void acquire(void* token)
+{
+    __tsan_acquire(token);
+}
+//! The emulator's own bookkeeping (fiber states, exchange buffers, the scheduler) is not the
+//! kernel's: its reads and writes are hidden from TSan while one of these lives.
+struct Hidden
+{
+    Hidden()
+    {
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+    }
+    ~Hidden()
+    {
+        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    }
+    Hidden(Hidden const&) = delete;
+    Hidden& operator=(Hidden const&) = delete;
+};
+#else
+void* current()
+{
+    return nullptr;
+}
+void* create()
+{
+    return nullptr;
+}
+void switch_to(void*) {}
+void release(void*) {}
+void acquire(void*) {}
+struct Hidden
+{
+};
+#endif
+char g_block_start = 0, g_block_end = 0; // sync tokens: scheduler -> a block's threads -> scheduler
+void* g_scheduler = nullptr;             // the scheduler's TSan context
+} // namespace tsan
 
 // An H100/H200 (the limits a launch is checked against).
 constexpr int kNumSms = 132;
@@ -69,12 +150,14 @@ struct Fiber
         size_t bytes;
     };
     std::vector<Copy> pending; // cp.async copies not waited for yet
+    void* tsan = nullptr;      // its ThreadSanitizer context (TSan builds)
 };
 
 struct Warp
 {
     unsigned char values[2][32 * kExchangeBytes] = {}; // double-buffered by generation parity
     unsigned generation = 0;
+    char token[2] = {}; // TSan sync objects, by generation parity
 };
 
 //! Dynamic shared memory of the running block: exactly the launch's size, from the heap, so an
@@ -104,6 +187,8 @@ struct Block
     SharedMemory* smem = nullptr;
     int barrier_result = 0;
     int reduce = 0;
+    unsigned barrier_generation = 0; // completed block barriers
+    char barrier_token[2] = {};      // TSan sync objects, by generation parity
     Fiber* current = nullptr;
     ucontext_t scheduler{}; // only for the first switch into a fiber
     jmp_buf sched_env{};
@@ -137,10 +222,16 @@ std::string where(Fiber const& f)
 
 void fiber_main()
 {
+    tsan::acquire(&tsan::g_block_start);
     Block& b = *g_block;
     (*b.body)();
     async_wait_all(); // copies still in flight land anyway
-    b.current->state = State::kDone;
+    tsan::release(&tsan::g_block_end);
+    {
+        tsan::Hidden hidden;
+        b.current->state = State::kDone;
+    }
+    tsan::switch_to(tsan::g_scheduler);
     _longjmp(b.sched_env, 1); // never returns through uc_link
 }
 
@@ -148,7 +239,14 @@ void yield()
 {
     Block& b = *g_block;
     if (_setjmp(b.current->env) == 0)
+    {
+        // everything the thread did so far happens before the scheduler's next block (which it
+        // only acquires between blocks, so threads of one block stay unordered); also when the
+        // launch is abandoned here (a deadlock or a fault)
+        tsan::release(&tsan::g_block_end);
+        tsan::switch_to(tsan::g_scheduler);
         _longjmp(b.sched_env, 1);
+    }
 }
 
 //! Run fiber f until it yields or finishes. Its own frame, so that no local of the scheduler loop
@@ -159,6 +257,7 @@ __attribute__((noinline)) void resume(Block& b, Fiber& f)
     g_threadIdx = f.tid;
     if (_setjmp(b.sched_env) != 0)
         return;
+    tsan::switch_to(f.tsan);
     if (!f.started)
     {
         f.started = true;
@@ -226,6 +325,7 @@ bool release(Block& b)
     for (Fiber& f : b.fibers)
         if (f.state == State::kBlockBarrier)
             f.state = State::kRunnable;
+    ++b.barrier_generation;
     return true;
 }
 
@@ -291,6 +391,8 @@ bool run_block(Block& b, bool reverse)
 struct Stacks
 {
     std::vector<void*> stacks;
+    std::vector<void*> contexts; // TSan contexts, one per stack
+    bool abandoned = false;      // a launch failed with fibers mid-way: fresh TSan contexts
     ~Stacks()
     {
         for (void* s : stacks)
@@ -298,12 +400,22 @@ struct Stacks
     }
     bool reserve(size_t n)
     {
+        if (abandoned)
+        {
+            // fresh contexts; the old ones are left alone (destroying a context parked inside
+            // the emulator's hidden bookkeeping is a TSan error, and it only happens after a
+            // failed launch)
+            for (void*& c : contexts)
+                c = tsan::create();
+            abandoned = false;
+        }
         while (stacks.size() < n)
         {
             void* s = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
             if (s == MAP_FAILED)
                 return false;
             stacks.push_back(s);
+            contexts.push_back(tsan::create());
         }
         return true;
     }
@@ -315,17 +427,22 @@ Stacks g_stacks;
 
 int block_barrier(int pred, int reduce)
 {
+    tsan::Hidden hidden;
     Block& b = *g_block;
     Fiber& f = *b.current;
+    unsigned const generation = b.barrier_generation;
     f.pred = pred;
     b.reduce = reduce;
     f.state = State::kBlockBarrier;
+    tsan::release(&b.barrier_token[generation & 1U]);
     yield();
+    tsan::acquire(&b.barrier_token[generation & 1U]);
     return b.barrier_result;
 }
 
 unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes)
 {
+    tsan::Hidden hidden;
     Block& b = *g_block;
     Fiber& f = *b.current;
     unsigned const t = linear(f.tid);
@@ -348,12 +465,15 @@ unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes)
     f.mask = mask;
     f.generation = gen;
     f.state = State::kWarpBarrier;
+    tsan::release(&w.token[gen & 1U]);
     yield();
+    tsan::acquire(&w.token[gen & 1U]);
     return w.values[gen & 1U];
 }
 
 void fault(std::string const& what)
 {
+    tsan::Hidden hidden;
     Block& b = *g_block;
     b.error = where(*b.current) + ": " + what;
     b.fault = true;
@@ -365,6 +485,7 @@ void async_copy(void* smem, void const* gmem, size_t bytes)
 {
     if (reinterpret_cast<uintptr_t>(smem) % bytes != 0 || reinterpret_cast<uintptr_t>(gmem) % bytes != 0)
         fault("misaligned cp.async of " + std::to_string(bytes) + " bytes");
+    tsan::Hidden hidden;
     g_block->current->pending.push_back(Fiber::Copy{smem, gmem, bytes});
 }
 
@@ -414,6 +535,8 @@ cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_sme
         fail(cudaErrorMemoryAllocation, "no memory for the fiber stacks");
         return cudaErrorMemoryAllocation;
     }
+    tsan::Hidden hidden; // the scheduler's bookkeeping; the kernel's accesses are the fibers'
+    tsan::g_scheduler = tsan::current();
     Block b;
     b.fibers.resize(threads);
     b.warps.resize((threads + 31) / 32);
@@ -421,6 +544,7 @@ cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_sme
     for (size_t i = 0; i < threads; ++i)
     {
         b.fibers[i].stack = g_stacks.stacks[i];
+        b.fibers[i].tsan = g_stacks.contexts[i];
         b.fibers[i].tid = uint3{unsigned(i % block.x), unsigned(i / block.x % block.y), unsigned(i / block.x / block.y)};
     }
     bool const reverse = (g_launches++ & 1U) != 0;
@@ -442,12 +566,15 @@ cudaError_t run_grid(void const* func, dim3 grid, dim3 block, size_t dynamic_sme
                 }
                 std::memset(smem.data, 0xFF, dynamic_smem_bytes); // NaN-poisoned, like uninitialized memory
                 b.smem = &smem;
+                tsan::release(&tsan::g_block_start); // the host's writes and the blocks before
                 ok = run_block(b, reverse);
+                tsan::acquire(&tsan::g_block_end);
                 b.smem = nullptr;
             }
     g_block = nullptr;
     if (!ok)
     {
+        g_stacks.abandoned = true;
         cudaError_t const err = b.fault ? cudaErrorMisalignedAddress : cudaErrorLaunchFailure;
         fail(err, b.error);
         return err;

@@ -290,42 +290,58 @@ T __ldcg(T const* p)
     return __ldg(p);
 }
 
-// Fibers never run at the same time: a read-modify-write is atomic by construction.
+// Fibers never run at the same time, so a read-modify-write is atomic by construction; it is still
+// spelled as a relaxed atomic (CUDA's atomics are relaxed) so a ThreadSanitizer build sees an
+// atomic that orders nothing, not a racy plain access.
+namespace hatrt
+{
+namespace emu
+{
+template <class T, class F>
+T atomic_update(T* p, F f)
+{
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomics on 4- or 8-byte values");
+    using U = typename std::conditional<sizeof(T) == 4, uint32_t, uint64_t>::type;
+    U* const q = reinterpret_cast<U*>(p);
+    U seen = __atomic_load_n(q, __ATOMIC_RELAXED);
+    for (;;)
+    {
+        T old;
+        std::memcpy(&old, &seen, sizeof(T));
+        T const next = f(old);
+        U bits;
+        std::memcpy(&bits, &next, sizeof(T));
+        if (__atomic_compare_exchange_n(q, &seen, bits, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED))
+            return old;
+    }
+}
+} // namespace emu
+} // namespace hatrt
+
 template <class T>
 T atomicAdd(T* p, T v)
 {
-    T const old = *p;
-    *p = old + v;
-    return old;
+    return ::hatrt::emu::atomic_update(p, [v](T old) { return T(old + v); });
 }
 template <class T>
 T atomicMax(T* p, T v)
 {
-    T const old = *p;
-    *p = old < v ? v : old;
-    return old;
+    return ::hatrt::emu::atomic_update(p, [v](T old) { return old < v ? v : old; });
 }
 template <class T>
 T atomicMin(T* p, T v)
 {
-    T const old = *p;
-    *p = v < old ? v : old;
-    return old;
+    return ::hatrt::emu::atomic_update(p, [v](T old) { return v < old ? v : old; });
 }
 template <class T>
 T atomicCAS(T* p, T cmp, T v)
 {
-    T const old = *p;
-    if (old == cmp)
-        *p = v;
-    return old;
+    return ::hatrt::emu::atomic_update(p, [cmp, v](T old) { return old == cmp ? v : old; });
 }
 template <class T>
 T atomicExch(T* p, T v)
 {
-    T const old = *p;
-    *p = v;
-    return old;
+    return ::hatrt::emu::atomic_update(p, [v](T) { return v; });
 }
 
 // CUDA's integer/float min and max overloads accept mixed argument types.

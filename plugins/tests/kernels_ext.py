@@ -71,27 +71,33 @@ def _emulated_sources(build: Path) -> list[Path]:
     return out
 
 
-def asan_runtime() -> str | None:
-    """The AddressSanitizer runtime of the host compiler (to LD_PRELOAD), or None."""
+SANITIZERS = {"address": "libasan.so", "thread": "libtsan.so"}
+
+
+def sanitizer_runtime(kind: str) -> str | None:
+    """The host compiler's runtime library of a sanitizer ("address", "thread"), to LD_PRELOAD into
+    the Python that loads a sanitized build; None when the compiler has none."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         return None
-    out = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    out = subprocess.run([cxx, f"-print-file-name={SANITIZERS[kind]}"], capture_output=True, text=True).stdout.strip()
     return out if out and os.path.isabs(out) and os.path.exists(out) else None
 
 
 def load(emulate: bool = False, verbose: bool = False, sanitize: str | None = None):
     """The compiled extension module (built once per process, cached on disk by torch).
 
-    sanitize="address" (emulated only; default: the HATRT_EMU_SANITIZE environment variable) builds
-    the kernels and the emulator with AddressSanitizer: an out-of-bounds access to a tensor, to
-    dynamic or static shared memory, or to a thread's stack stops the process with a report. The
-    process must start with the ASan runtime preloaded (LD_PRELOAD=asan_runtime(),
-    ASAN_OPTIONS=detect_leaks=0): tests/test_cuda_emu.py does that."""
+    sanitize (emulated only; default: the HATRT_EMU_SANITIZE environment variable) builds the
+    kernels and the emulator with a sanitizer: "address" (AddressSanitizer: an out-of-bounds access
+    to a tensor, to dynamic or static shared memory or to a thread's stack is reported) or "thread"
+    (ThreadSanitizer: two threads of a block touching the same memory, one of them writing, with no
+    barrier between them is reported; plugins/emu/cuda_emu.cpp says which orderings count). The
+    process must start with the runtime preloaded (LD_PRELOAD=sanitizer_runtime(kind); for ASan
+    also ASAN_OPTIONS=detect_leaks=0): tests/test_cuda_emu.py does that."""
     if emulate and sanitize is None:
         sanitize = os.environ.get("HATRT_EMU_SANITIZE") or None
-    if sanitize not in (None, "address"):
-        raise ValueError(f"sanitize must be None or 'address', not {sanitize!r}")
+    if sanitize not in (None, *SANITIZERS):
+        raise ValueError(f"sanitize must be None, 'address' or 'thread', not {sanitize!r}")
     key = (emulate, sanitize)
     if key in _EXT:
         return _EXT[key]
@@ -103,8 +109,12 @@ def load(emulate: bool = False, verbose: bool = False, sanitize: str | None = No
         why = emulator_available()
         if why:
             raise RuntimeError(f"cannot build the emulated kernels: {why}")
-        suffix = "_asan" if sanitize else ""
-        flags = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if sanitize else []
+        if sanitize:
+            # this process has the runtime preloaded already; the compiler and ninja must not (under
+            # TSan they fail)
+            os.environ.pop("LD_PRELOAD", None)
+        suffix = {None: "", "address": "_asan", "thread": "_tsan"}[sanitize]
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"] if sanitize else []
         build = ROOT / "build" / f"torch_ext_emu{suffix}"
         build.mkdir(parents=True, exist_ok=True)
         _EXT[key] = cpp_extension.load(

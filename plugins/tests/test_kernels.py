@@ -267,13 +267,19 @@ INDEXER_CASES = [
 ]
 
 
-# HATRT_KERNEL_CASES=small keeps the cheap cases only (for compute-sanitizer runs, which are slow).
-SMALL = os.environ.get("HATRT_KERNEL_CASES") == "small"
+# HATRT_KERNEL_CASES=small keeps the cheap cases only (compute-sanitizer and AddressSanitizer runs);
+# =tiny one case per kernel path (ThreadSanitizer runs, 10x slower again): the fused indexer on
+# tensor and CUDA cores, FP4 keys, and the split selection (test_indexer_topk_all_equal, always
+# whole); 16-head and 64-head tensor-core attention with splits and FP8 entries, each also on the
+# CUDA-core kernel.
+CASES = os.environ.get("HATRT_KERNEL_CASES", "all")
+SMALL = CASES in ("small", "tiny")
+TINY_INDEXER, TINY_ATTN = (2, 7), (3, 4)
 
 
 def _indexer_runs():
-    for case in INDEXER_CASES:
-        if SMALL and case[4] > 3000:
+    for i, case in enumerate(INDEXER_CASES):
+        if (SMALL and case[4] > 3000) or (CASES == "tiny" and i not in TINY_INDEXER):
             continue
         yield case, True
         if case[8] != F32 and case[3] % 16 == 0:
@@ -448,8 +454,8 @@ def _pack_fp8(ext, x):
 
 
 def _attn_runs():
-    for case in ATTN_CASES:
-        if SMALL and case[5] > 300:
+    for i, case in enumerate(ATTN_CASES):
+        if (SMALL and case[5] > 300) or (CASES == "tiny" and i not in TINY_ATTN):
             continue
         yield case, True
         if case[8] != F32 and case[3] == 512:

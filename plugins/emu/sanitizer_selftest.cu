@@ -1,10 +1,13 @@
-// The CUDA emulator under AddressSanitizer: planted out-of-bounds accesses are reported, and
-// correct kernels (barriers, shuffles, cp.async: every kind of fiber switch) run clean. Built by
-// tests/test_cuda_emu.py with -fsanitize=address:
-//   g++ -fsanitize=address -x c++ -include plugins/emu/cuda_emu.h plugins/emu/asan_selftest.cu plugins/emu/cuda_emu.cpp
-//   ./asan_selftest clean | global | dynamic-smem | static-smem | stack
-// "clean" exits 0 without a report; each other case must end in an ASan report of its kind
-// (heap-buffer-overflow, global-buffer-overflow, stack-buffer-overflow).
+// The CUDA emulator under AddressSanitizer and ThreadSanitizer: planted bugs are reported, and a
+// correct kernel (barriers, shuffles, shared-memory atomics, cp.async: every kind of fiber switch
+// and every happens-before edge the emulator declares) runs clean. Built by tests/test_cuda_emu.py
+// with -fsanitize=address or -fsanitize=thread:
+//   g++ -fsanitize=address -x c++ -include plugins/emu/cuda_emu.h plugins/emu/sanitizer_selftest.cu plugins/emu/cuda_emu.cpp
+//   ./sanitizer_selftest clean | global | dynamic-smem | static-smem | stack | race | warp-race
+// "clean" exits 0 without a report under either sanitizer. Under ASan, global / dynamic-smem /
+// static-smem / stack end in a report of their kind (heap-buffer-overflow, global-buffer-overflow,
+// stack-buffer-overflow); under TSan, race (a missing __syncthreads) and warp-race (a missing
+// __syncwarp) end in a data-race report.
 #include "../csrc/async_copy.cuh" // also brings HATRT_LAUNCH / HATRT_DYNAMIC_SMEM (common.cuh)
 
 #include <cstdio>
@@ -30,9 +33,30 @@ __global__ void clean_kernel(float const* in, float* out)
     __syncthreads();
     if (threadIdx.x % 32 == 0)
         s[threadIdx.x / 32] = v;
+    __shared__ unsigned count;
+    if (threadIdx.x == 0)
+        count = 0;
+    __syncthreads();
+    atomicAdd(&count, 1U); // every thread, no barrier in between: atomics do not race
     __syncthreads();
     if (threadIdx.x == 0)
-        out[blockIdx.x] = s[0] + s[1];
+        out[blockIdx.x] = count == kThreads ? s[0] + s[1] : -1.0f;
+}
+
+// Each thread writes its slot and then reads its neighbour's without a __syncthreads between.
+__global__ void race_kernel(float const* in, float* out)
+{
+    __shared__ float s[kThreads];
+    s[threadIdx.x] = in[threadIdx.x];
+    out[threadIdx.x] = s[(threadIdx.x + 1) % kThreads];
+}
+
+// The same inside one warp, where a __syncwarp is what orders the lanes.
+__global__ void warp_race_kernel(float const* in, float* out)
+{
+    __shared__ float s[32];
+    s[threadIdx.x] = in[threadIdx.x];
+    out[threadIdx.x] = s[(threadIdx.x + 1) % 32];
 }
 
 // The last thread reads one element past the end of `in` (n elements).
@@ -108,6 +132,10 @@ int main(int argc, char** argv)
         HATRT_LAUNCH(static_smem_kernel, 1, kThreads, 0, nullptr)(out);
     else if (std::strcmp(what, "stack") == 0)
         HATRT_LAUNCH(stack_kernel, 1, kThreads, 0, nullptr)(out, argc - 1);
+    else if (std::strcmp(what, "race") == 0)
+        HATRT_LAUNCH(race_kernel, 1, kThreads, 0, nullptr)(in, out);
+    else if (std::strcmp(what, "warp-race") == 0)
+        HATRT_LAUNCH(warp_race_kernel, 1, 32, 0, nullptr)(in, out);
     else
         return 2;
     cudaError_t const err = cudaDeviceSynchronize();
