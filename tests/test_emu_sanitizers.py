@@ -1,0 +1,127 @@
+"""The CUDA emulator (plugins/emu) and the kernels on it under AddressSanitizer and ThreadSanitizer:
+what a GPU run needs compute-sanitizer's memcheck and racecheck for, without a GPU.
+
+- plugins/emu/sanitizer_selftest.cu: planted out-of-bounds accesses to a tensor, to dynamic and
+  static shared memory and to a thread-local array are reported by ASan, a missing __syncthreads
+  and a missing __syncwarp by TSan, each naming the kernel; a correct kernel and the emulator's
+  self-test run clean (under TSan the self-test reports only the race it plants on purpose).
+- plugins/tests/test_kernels.py (target "emulated") again with the kernels and the emulator built
+  with each sanitizer (kernels_ext.load(sanitize=...)): ASan on the small cases, TSan on one case
+  per kernel path (it is about 10x slower).
+How the emulator declares CUDA's orderings to TSan: plugins/emu/README.md. Needs g++ with its
+sanitizer runtimes and the CUDA headers; skipped cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+EMU = PLUGINS / "emu"
+sys.path.insert(0, str(PLUGINS / "tests"))
+import kernels_ext
+
+CXX = shutil.which("g++") or shutil.which("c++")
+WHY = kernels_ext.emulator_available()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
+
+EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-DHATRT_CUDA_EMU",
+             f"-I{EMU}", f"-I{PLUGINS / 'csrc' / 'include'}"]
+
+
+def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+SANITIZER_RUNTIME = {kind: kernels_ext.sanitizer_runtime(kind) for kind in ("address", "thread")}
+SANITIZER_OPTIONS = {"address": ("ASAN_OPTIONS", "detect_leaks=0:halt_on_error=1"), "thread": ("TSAN_OPTIONS", "")}
+SANITIZER_REPORT = {"address": "ERROR: AddressSanitizer", "thread": "WARNING: ThreadSanitizer"}
+# planted bugs of plugins/emu/sanitizer_selftest.cu: (case, the report's kind, the kernel it names)
+PLANTED = {
+    "address": (("global", "heap-buffer-overflow", "global_kernel"),
+                ("dynamic-smem", "heap-buffer-overflow", "dynamic_smem_kernel"),
+                ("static-smem", "global-buffer-overflow", "static_smem_kernel"),
+                ("stack", "stack-buffer-overflow", "stack_kernel")),
+    "thread": (("race", "data race", "race_kernel"),
+               ("warp-race", "data race", "warp_race_kernel")),
+}
+SANITIZERS = [pytest.param(kind, marks=pytest.mark.skipif(SANITIZER_RUNTIME[kind] is None,
+                                                          reason=f"the compiler has no {kind} sanitizer runtime"))
+              for kind in ("address", "thread")]
+
+
+def _sanitized_program(out: Path, kind: str, runtime: Path, source: Path) -> Path:
+    exe = out / f"{source.stem}_{kind}"
+    _run([CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
+          "-x", "c++", "-include", EMU / "cuda_emu.h", source, "-x", "none", runtime, "-o", exe])
+    return exe
+
+
+def _sanitized_run(exe: Path, kind: str, log: Path, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run exe with the sanitizer's reports written to files under log (returned joined)."""
+    var, options = SANITIZER_OPTIONS[kind]
+    env = {**os.environ, var: f"{options}:log_path={log}".lstrip(":")}
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, env=env)
+    reports = "".join(f.read_text() for f in sorted(log.parent.glob(log.name + "*")))
+    for f in log.parent.glob(log.name + "*"):
+        f.unlink()
+    return proc, reports
+
+
+@pytest.mark.parametrize("kind", SANITIZERS)
+def test_emulator_under_sanitizer(kind, tmp_path):
+    """The emulator built with AddressSanitizer / ThreadSanitizer: its fiber switches cause no
+    false reports (a clean kernel; the self-test, with its deadlocks and faults, reports only the
+    race it plants on purpose under TSan), and each planted bug is reported naming its kernel."""
+    runtime = tmp_path / "cuda_emu.o"
+    _run([CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
+          "-c", EMU / "cuda_emu.cpp", "-o", runtime])
+    log = tmp_path / "report"
+    selftest = _sanitized_program(tmp_path, kind, runtime, EMU / "emu_selftest.cu")
+    proc, reports = _sanitized_run(selftest, kind, log)
+    assert proc.stdout.strip().endswith(" 0 failed"), proc.stdout + reports[-4000:]
+    if kind == "address":
+        assert proc.returncode == 0 and SANITIZER_REPORT[kind] not in reports, reports[-4000:]
+    else:  # only the self-test's missing_barrier kernel races (it shows the emulator exposes that)
+        frames = [r.split("#0 ", 1)[1].split()[0] for r in reports.split("WARNING: ThreadSanitizer")[1:]]
+        assert frames and set(frames) == {"missing_barrier"}, reports[-4000:]
+    exe = _sanitized_program(tmp_path, kind, runtime, EMU / "sanitizer_selftest.cu")
+    proc, reports = _sanitized_run(exe, kind, log, "clean")
+    assert proc.returncode == 0 and SANITIZER_REPORT[kind] not in reports, proc.stdout + reports[-4000:]
+    for case, what, kernel in PLANTED[kind]:
+        proc, reports = _sanitized_run(exe, kind, log, case)
+        assert proc.returncode != 0, f"{case}: not reported\n{proc.stdout}\n{reports[-2000:]}"
+        assert f"{SANITIZER_REPORT[kind]}: {what}" in reports, f"{case}\n{reports[-4000:]}"
+        assert kernel in reports, f"{case}: the report does not name the kernel\n{reports[-4000:]}"
+
+
+@pytest.mark.parametrize("kind", SANITIZERS)
+def test_kernels_under_sanitizer(kind, tmp_path):
+    """plugins/tests/test_kernels.py (target "emulated") with the kernels and the emulator built
+    with a sanitizer (kernels_ext.load(sanitize=kind)). AddressSanitizer, small cases: every read
+    and write of every kernel stays inside its tensors, its shared memory and its stack.
+    ThreadSanitizer, one case per kernel path (HATRT_KERNEL_CASES=tiny; it is 10x slower): no two
+    threads of a block touch the same memory, one writing, without a barrier between them.
+    Reports go to files (pytest's capture would swallow a report that ends the process)."""
+    var, options = SANITIZER_OPTIONS[kind]
+    log = tmp_path / "report"
+    env = {**os.environ, "LD_PRELOAD": SANITIZER_RUNTIME[kind], "HATRT_EMU_SANITIZE": kind,
+           "HATRT_KERNEL_CASES": "small" if kind == "address" else "tiny", "OMP_NUM_THREADS": "1",
+           var: f"{options}:log_path={log}".lstrip(":")}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGINS / "tests" / "test_kernels.py"),
+           "-k", "emulated"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env, cwd=ROOT)
+    reports = [f.read_text() for f in sorted(tmp_path.glob("report*"))]
+    errors = [r for r in reports if SANITIZER_REPORT[kind] in r]
+    assert not errors, errors[0][-6000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-3000:]
