@@ -16,7 +16,6 @@ Needs g++ and the CUDA headers (not nvcc, not a GPU); skipped cleanly otherwise.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +28,10 @@ EMU = PLUGINS / "emu"
 sys.path.insert(0, str(PLUGINS / "tests"))
 import kernels_ext
 
-CXX = shutil.which("g++") or shutil.which("c++")
+CXX, EMU_FLAGS = kernels_ext.CXX, kernels_ext.EMU_FLAGS
 WHY = kernels_ext.emulator_available()
 TRT_INCLUDE = Path(os.environ.get("TENSORRT_INCLUDE_DIR", ROOT / "third_party" / "TensorRT" / "include"))
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
-
-EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-DHATRT_CUDA_EMU",
-             f"-I{EMU}", f"-I{PLUGINS / 'csrc' / 'include'}"]
 
 
 def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:

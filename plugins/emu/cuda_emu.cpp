@@ -249,6 +249,17 @@ void yield()
     }
 }
 
+//! The running thread waits at a barrier until the scheduler completes it. For TSan the barrier
+//! is a release by every arriving thread and an acquire by every leaving one, on the sync object
+//! of this barrier generation (`token`).
+void park(State state, char* token)
+{
+    g_block->current->state = state;
+    tsan::release(token);
+    yield();
+    tsan::acquire(token);
+}
+
 //! Run fiber f until it yields or finishes. Its own frame, so that no local of the scheduler loop
 //! lives across the _setjmp.
 __attribute__((noinline)) void resume(Block& b, Fiber& f)
@@ -433,10 +444,7 @@ int block_barrier(int pred, int reduce)
     unsigned const generation = b.barrier_generation;
     f.pred = pred;
     b.reduce = reduce;
-    f.state = State::kBlockBarrier;
-    tsan::release(&b.barrier_token[generation & 1U]);
-    yield();
-    tsan::acquire(&b.barrier_token[generation & 1U]);
+    park(State::kBlockBarrier, &b.barrier_token[generation & 1U]);
     return b.barrier_result;
 }
 
@@ -464,10 +472,7 @@ unsigned char const* warp_exchange(unsigned mask, void const* src, size_t bytes)
     std::memcpy(w.values[gen & 1U] + lane * kExchangeBytes, src, bytes);
     f.mask = mask;
     f.generation = gen;
-    f.state = State::kWarpBarrier;
-    tsan::release(&w.token[gen & 1U]);
-    yield();
-    tsan::acquire(&w.token[gen & 1U]);
+    park(State::kWarpBarrier, &w.token[gen & 1U]);
     return w.values[gen & 1U];
 }
 

@@ -29,6 +29,12 @@ BINDING = PLUGINS / "tests" / "torch_ext.cpp"
 
 _EXT: dict[tuple, object] = {}
 
+CXX = shutil.which("g++") or shutil.which("c++")
+#: host-compiler flags for a standalone program on the emulator (the self-tests, the plugin harness):
+#: g++ *EMU_FLAGS -I<cuda include> -x c++ -include plugins/emu/cuda_emu.h kernel.cu plugins/emu/cuda_emu.cpp
+EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-DHATRT_CUDA_EMU",
+             f"-I{EMU}", f"-I{CSRC / 'include'}"]
+
 
 def arch_list() -> str:
     import torch
