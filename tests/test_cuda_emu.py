@@ -8,8 +8,9 @@
   configured, and enqueued on NaN-poisoned outputs; results equal the launchers bit for bit
   (needs the TensorRT headers, see docs/plugins.md).
 The kernels themselves are compared with the PyTorch reference on the emulator by
-plugins/tests/test_kernels.py (target "emulated"); tests/test_emu_sanitizers.py runs the emulator
-and those tests again under AddressSanitizer and ThreadSanitizer.
+plugins/tests/test_kernels.py (target "emulated"); tests/test_emu_asan.py and
+tests/test_emu_tsan.py run the emulator and those tests again under AddressSanitizer and
+ThreadSanitizer.
 Needs g++ and the CUDA headers (not nvcc, not a GPU); skipped cleanly otherwise.
 """
 

@@ -1,15 +1,15 @@
-"""The CUDA emulator (plugins/emu) and the kernels on it under AddressSanitizer and ThreadSanitizer:
-what a GPU run needs compute-sanitizer's memcheck and racecheck for, without a GPU.
+"""The checks of the CUDA emulator and the emulated kernels under a sanitizer, shared by
+tests/test_emu_asan.py and tests/test_emu_tsan.py (two files, so a parallel test run can run them
+side by side). kind: "address" (AddressSanitizer) or "thread" (ThreadSanitizer).
 
-- plugins/emu/sanitizer_selftest.cu: planted out-of-bounds accesses to a tensor, to dynamic and
-  static shared memory and to a thread-local array are reported by ASan, a missing __syncthreads
-  and a missing __syncwarp by TSan, each naming the kernel; a correct kernel and the emulator's
-  self-test run clean (under TSan the self-test reports only the race it plants on purpose).
-- plugins/tests/test_kernels.py (target "emulated") again with the kernels and the emulator built
-  with each sanitizer (kernels_ext.load(sanitize=...)): ASan on the small cases, TSan on one case
-  per kernel path (it is about 10x slower).
-How the emulator declares CUDA's orderings to TSan: plugins/emu/README.md. Needs g++ with its
-sanitizer runtimes and the CUDA headers; skipped cleanly otherwise.
+- check_emulator: plugins/emu/sanitizer_selftest.cu's planted bugs (ASan: out-of-bounds accesses
+  to a tensor, to dynamic and static shared memory and to a thread-local array; TSan: a missing
+  __syncthreads and a missing __syncwarp) are each reported naming the kernel; a correct kernel and
+  the emulator's self-test run clean (under TSan the self-test reports only the race it plants).
+- check_kernels: plugins/tests/test_kernels.py (target "emulated") with the kernels and the emulator
+  built with the sanitizer (kernels_ext.load(sanitize=kind)): ASan on the small cases, TSan on one
+  case per kernel path (it is about 10x slower). No report may appear.
+How the emulator declares CUDA's orderings to TSan: plugins/emu/README.md.
 """
 
 from __future__ import annotations
@@ -19,23 +19,26 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PLUGINS = ROOT / "plugins"
-EMU = PLUGINS / "emu"
-sys.path.insert(0, str(PLUGINS / "tests"))
 import kernels_ext
 
+PLUGINS = Path(__file__).resolve().parents[1]
+ROOT = PLUGINS.parent
+EMU = PLUGINS / "emu"
 CXX, EMU_FLAGS = kernels_ext.CXX, kernels_ext.EMU_FLAGS
-WHY = kernels_ext.emulator_available()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
 
 def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
+
+
+def skip_reason(kind: str) -> str | None:
+    """Why the checks cannot run here, or None."""
+    why = kernels_ext.emulator_available()
+    if why:
+        return why
+    return None if SANITIZER_RUNTIME[kind] else f"the compiler has no {kind} sanitizer runtime"
 
 
 SANITIZER_RUNTIME = {kind: kernels_ext.sanitizer_runtime(kind) for kind in ("address", "thread")}
@@ -50,11 +53,6 @@ PLANTED = {
     "thread": (("race", "data race", "race_kernel"),
                ("warp-race", "data race", "warp_race_kernel")),
 }
-SANITIZERS = [pytest.param(kind, marks=pytest.mark.skipif(SANITIZER_RUNTIME[kind] is None,
-                                                          reason=f"the compiler has no {kind} sanitizer runtime"))
-              for kind in ("address", "thread")]
-
-
 def _sanitized_program(out: Path, kind: str, runtime: Path, source: Path) -> Path:
     exe = out / f"{source.stem}_{kind}"
     _run([CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
@@ -73,8 +71,7 @@ def _sanitized_run(exe: Path, kind: str, log: Path, *args: str) -> tuple[subproc
     return proc, reports
 
 
-@pytest.mark.parametrize("kind", SANITIZERS)
-def test_emulator_under_sanitizer(kind, tmp_path):
+def check_emulator(kind: str, tmp_path: Path) -> None:
     """The emulator built with AddressSanitizer / ThreadSanitizer: its fiber switches cause no
     false reports (a clean kernel; the self-test, with its deadlocks and faults, reports only the
     race it plants on purpose under TSan), and each planted bug is reported naming its kernel."""
@@ -100,8 +97,7 @@ def test_emulator_under_sanitizer(kind, tmp_path):
         assert kernel in reports, f"{case}: the report does not name the kernel\n{reports[-4000:]}"
 
 
-@pytest.mark.parametrize("kind", SANITIZERS)
-def test_kernels_under_sanitizer(kind, tmp_path):
+def check_kernels(kind: str, tmp_path: Path) -> None:
     """plugins/tests/test_kernels.py (target "emulated") with the kernels and the emulator built
     with a sanitizer (kernels_ext.load(sanitize=kind)). AddressSanitizer, small cases: every read
     and write of every kernel stays inside its tensors, its shared memory and its stack.
