@@ -17,7 +17,6 @@ Needs g++ and the CUDA headers (not nvcc, not a GPU); skipped cleanly otherwise.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,10 +34,7 @@ TRT_INCLUDE = Path(os.environ.get("TENSORRT_INCLUDE_DIR", ROOT / "third_party" /
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
 
-def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+_run = kernels_ext.run_checked
 
 
 @pytest.fixture(scope="module")

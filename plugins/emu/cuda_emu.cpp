@@ -165,8 +165,7 @@ struct Warp
 struct SharedMemory
 {
     unsigned char* data = nullptr;
-    size_t bytes = 0;
-    explicit SharedMemory(size_t n) : bytes(n)
+    explicit SharedMemory(size_t n)
     {
         void* p = nullptr;
         if (posix_memalign(&p, 128, n == 0 ? 1 : n) == 0)

@@ -27,10 +27,7 @@ EMU = PLUGINS / "emu"
 CXX, EMU_FLAGS = kernels_ext.CXX, kernels_ext.EMU_FLAGS
 
 
-def _run(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
+_run = kernels_ext.run_checked
 
 
 def skip_reason(kind: str) -> str | None:
@@ -53,10 +50,14 @@ PLANTED = {
     "thread": (("race", "data race", "race_kernel"),
                ("warp-race", "data race", "warp_race_kernel")),
 }
+def _compile(kind: str) -> list:
+    """The compiler command for an emulated program built with the sanitizer."""
+    return [CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}"]
+
+
 def _sanitized_program(out: Path, kind: str, runtime: Path, source: Path) -> Path:
     exe = out / f"{source.stem}_{kind}"
-    _run([CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
-          "-x", "c++", "-include", EMU / "cuda_emu.h", source, "-x", "none", runtime, "-o", exe])
+    _run([*_compile(kind), "-x", "c++", "-include", EMU / "cuda_emu.h", source, "-x", "none", runtime, "-o", exe])
     return exe
 
 
@@ -76,8 +77,7 @@ def check_emulator(kind: str, tmp_path: Path) -> None:
     false reports (a clean kernel; the self-test, with its deadlocks and faults, reports only the
     race it plants on purpose under TSan), and each planted bug is reported naming its kernel."""
     runtime = tmp_path / "cuda_emu.o"
-    _run([CXX, *EMU_FLAGS, "-g", f"-fsanitize={kind}", "-fno-omit-frame-pointer", f"-I{kernels_ext.cuda_include()}",
-          "-c", EMU / "cuda_emu.cpp", "-o", runtime])
+    _run([*_compile(kind), "-c", EMU / "cuda_emu.cpp", "-o", runtime])
     log = tmp_path / "report"
     selftest = _sanitized_program(tmp_path, kind, runtime, EMU / "emu_selftest.cu")
     proc, reports = _sanitized_run(selftest, kind, log)

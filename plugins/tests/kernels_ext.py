@@ -36,6 +36,13 @@ EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-
              f"-I{EMU}", f"-I{CSRC / 'include'}"]
 
 
+def run_checked(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a build or test command; fail (AssertionError, for the tests) with its output unless it exits 0."""
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def arch_list() -> str:
     import torch
 
