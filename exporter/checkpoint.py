@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -47,7 +48,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointError", "expected_tensors", "load_checkpoint", "load_model", "save_checkpoint",
     "quantize_fp8_blockwise", "dequantize_fp8_blockwise", "pack_fp4", "dequantize_fp4",
-    "to_transformers_name", "from_transformers_name", "detect_naming",
+    "to_transformers_name", "from_transformers_name", "detect_naming", "weight_bytes",
+    "available_memory", "check_memory",
 ]
 
 OFFICIAL, TRANSFORMERS, TRANSFORMERS_SAVED = "official", "transformers", "transformers-saved"
@@ -416,6 +418,28 @@ def _scan(path: Path) -> dict[str, _Stored]:
     return stored
 
 
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _missing_shards(path: Path) -> list[str]:
+    """Numbered shards (`model-00002-of-00005.safetensors`) absent from a directory without an index.
+
+    Without `model.safetensors.index.json` nothing lists the tensors of a lost shard, but the
+    numbering still shows the hole: `-of-N` with fewer than N files present."""
+    if (path / "model.safetensors.index.json").exists():
+        return []  # _scan checks the shards the index names
+    groups: dict[tuple[str, str], set[int]] = {}
+    for p in path.glob("*.safetensors"):
+        m = _SHARD_RE.match(p.name)
+        if m:
+            groups.setdefault((m["stem"], m["n"]), set()).add(int(m["i"]))
+    absent = []
+    for (stem, n), present in sorted(groups.items()):
+        width = len(n)
+        absent += [f"{stem}-{i:0{width}d}-of-{n}.safetensors" for i in range(1, int(n) + 1) if i not in present]
+    return absent
+
+
 def _plan(stored: Mapping[str, _Stored]) -> tuple[str, dict[str, _Source], list[str]]:
     """(naming, official name -> source, unmapped names as stored)."""
     naming = detect_naming(stored)
@@ -604,22 +628,35 @@ def _diagnose(config: ModelConfig, present: set[str], bad_shapes: list[tuple[str
 
 
 def _validate(path: Path, naming: str, sources: dict[str, _Source], unmapped: list[str],
-              targets: Mapping[str, torch.Tensor], config: ModelConfig | None, strict: bool) -> None:
+              targets: Mapping[str, torch.Tensor], config: ModelConfig | None, strict: bool,
+              missing_shards: list[str] = ()) -> None:
     tied = config is not None and config.tie_word_embeddings and "head.weight" not in sources
     missing = [n for n in targets if n not in sources and not (tied and n == "head.weight")]
     unexpected = [n if s.weight.key == n or s.index else f"{n} (stored as {s.weight.key})"
                   for n, s in sources.items() if n not in targets] + unmapped
     bad_shapes = [(n, tuple(targets[n].shape), s.shape) for n, s in sources.items()
                   if n in targets and tuple(targets[n].shape) != s.shape]
+    if missing_shards and missing:  # a lost shard, not a config/weights mismatch: say so first
+        msg = (f"{path}: {len(missing_shards)} shard file(s) missing: {_fmt_list(missing_shards)} (no "
+               f"model.safetensors.index.json lists the shards, but their numbering shows the gap); {len(missing)} "
+               f"tensor(s) missing from the checkpoint ({naming} naming): "
+               + _fmt_list(f"{n} {list(targets[n].shape)}" for n in missing))
+        if strict:
+            raise CheckpointError(msg)
+        log.warning("%s", msg)
+        missing = []
     if bad_shapes or (strict and (missing or unexpected)):
         notes = _diagnose(config, set(sources) | set(unmapped), bad_shapes) if config is not None else []
         if notes:
+            lost = ("; or a shard file is missing: there is no model.safetensors.index.json to check"
+                    if missing and not bad_shapes and not unexpected
+                    and not (path / "model.safetensors.index.json").exists() else "")
             raise CheckpointError(
-                f"{path}: the weights do not match config.json (looks like a config/weights mismatch; "
+                f"{path}: the weights do not match config.json (looks like a config/weights mismatch{lost}; "
                 f"{naming} naming):\n  - " + "\n  - ".join(notes[:_LIST_LIMIT])
                 + (f"\n  ... and {len(notes) - _LIST_LIMIT} more" if len(notes) > _LIST_LIMIT else "")
                 + f"\n({len(missing)} missing, {len(unexpected)} unexpected, {len(bad_shapes)} mis-shaped "
-                "tensors)")
+                "tensors)" + (f"\nmissing: {_fmt_list(missing)}" if missing else ""))
     if bad_shapes:
         raise CheckpointError(f"{path}: {len(bad_shapes)} tensor(s) have the wrong shape: " + _fmt_list(
             f"{n} expected {list(w)}, got {list(g)} ({_where(sources[n])})" for n, w, g in bad_shapes))
@@ -671,7 +708,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     config = config if isinstance(config, ModelConfig) else None
     naming, sources, unmapped = _plan(_scan(path))
     log.info("%s: %d tensors, %s naming", path, len(sources), naming)
-    _validate(path, naming, sources, unmapped, targets, config, strict)
+    _validate(path, naming, sources, unmapped, targets, config, strict, _missing_shards(path))
     todo = sorted((n for n in sources if n in targets), key=lambda n: (sources[n].weight.file, n))
     with contextlib.ExitStack() as stack, torch.no_grad():
         handles: dict[Path, object] = {}
@@ -721,18 +758,164 @@ def _cast(model: nn.Module, config: ModelConfig, dtype: torch.dtype) -> None:
             t.data = t.data.to(want)
 
 
+# ============================================================================ memory
+SKIP_MEMORY_CHECK_ENV = "HATRT_SKIP_MEMORY_CHECK"
+_GiB = 2**30
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / _GiB:.1f} GiB" if n >= _GiB else f"{n / 2**20:.1f} MiB"
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the model's weights in `dtype`, from the shapes alone (nothing is allocated).
+
+    Model-dtype tensors take dtype's size, the fp32-kept ones (mHC, sinks, ape, gate bias) 4 bytes,
+    hash routing tables (int64) 8. Derived buffers (RoPE tables) are not counted (they are small)."""
+    size = {FLOAT: dtype.itemsize, FP32: 4, INT: 8}
+    return sum(math.prod(shape) * size[kind] for shape, kind in expected_tensors(config).values())
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max" (cgroup v2 without a limit) -> None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == key and v.strip().isdigit():
+                return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_available(self_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Room left under the tightest cgroup memory limit of this process (a container's limit, which
+    /proc/meminfo does not show); reclaimable file cache counts as free. None: no limit found."""
+    try:
+        lines = Path(self_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+
+    def consider(limit: int | None, usage: int | None, stat: Path, inactive_key: str) -> None:
+        nonlocal best
+        if limit is None or usage is None or limit >= 1 << 60:  # v1 "no limit" is ~2^63
+            return
+        room = max(limit - max(usage - _stat_value(stat, inactive_key), 0), 0)
+        best = room if best is None else min(best, room)
+
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hid, controllers, rel = parts
+        if hid == "0" and controllers == "":  # cgroup v2: the limit may sit on any ancestor
+            base = Path(root)
+            d = Path(rel)
+            for anc in [d, *d.parents]:
+                g = base / str(anc).lstrip("/")
+                consider(_read_int(g / "memory.max"), _read_int(g / "memory.current"), g / "memory.stat",
+                         "inactive_file")
+        elif "memory" in controllers.split(","):  # cgroup v1
+            for g in {Path(root) / "memory" / rel.lstrip("/"), Path(root) / "memory"}:
+                consider(_read_int(g / "memory.limit_in_bytes"), _read_int(g / "memory.usage_in_bytes"),
+                         g / "memory.stat", "total_inactive_file")
+    return best
+
+
+def available_memory(device: str | torch.device = "cpu") -> tuple[int, str] | None:
+    """(bytes free for new allocations, where that figure comes from), or None when unknown.
+
+    CPU: the smaller of MemAvailable (/proc/meminfo) and the room under a cgroup memory limit;
+    elsewhere os.sysconf's available pages. CUDA: torch.cuda.mem_get_info. Other devices: None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory on {device}"
+    if device.type != "cpu":
+        return None
+    found = []
+    mem = _meminfo_available()
+    if mem is not None:
+        found.append((mem, "MemAvailable in /proc/meminfo"))
+    cg = _cgroup_available()
+    if cg is not None:
+        found.append((cg, "room under this process's cgroup memory limit"))
+    if not found:
+        try:
+            found.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available physical pages"))
+        except (ValueError, OSError, AttributeError):
+            return None
+    return min(found)
+
+
+def check_memory(config: ModelConfig, dtype: torch.dtype, *, device: str | torch.device = "cpu",
+                 what: str | None = None, init_dtype: torch.dtype | None = None) -> None:
+    """Raise CheckpointError, before anything is allocated, when the weights of `config` in `dtype`
+    cannot fit in the memory available on `device`. `init_dtype`: a wider dtype the weights pass
+    through first (presets are initialized in float32, then cast). Skipped when the environment
+    sets HATRT_SKIP_MEMORY_CHECK=1, or when the available memory cannot be read."""
+    if os.environ.get(SKIP_MEMORY_CHECK_ENV, "").strip() not in ("", "0"):
+        return
+    peak_dtype = init_dtype if init_dtype is not None and init_dtype.itemsize > dtype.itemsize else dtype
+    need = weight_bytes(config, peak_dtype)
+    avail = available_memory(device)
+    if avail is None or need <= avail[0]:
+        return
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    via = f" (it is initialized in {name(peak_dtype)}, then cast to {name(dtype)})" if peak_dtype != dtype else ""
+    where = "this machine has" if torch.device(device).type == "cpu" else f"{device} has"
+    narrower = ""
+    if init_dtype is None and dtype.itemsize > 2:
+        half = weight_bytes(config, torch.bfloat16)
+        narrower = f" (in bfloat16 it needs about {_fmt_bytes(half)}{'' if half <= avail[0] else ', still too much'})"
+    raise CheckpointError(
+        f"{what or config.name} needs about {_fmt_bytes(need)} for its weights in {name(peak_dtype)}{via}, "
+        f"{where} {_fmt_bytes(avail[0])} available ({avail[1]}); loading it would be killed for lack of "
+        f"memory. Use a smaller model{' or dtype' if narrower else ''}{narrower}, or set "
+        f"{SKIP_MEMORY_CHECK_ENV}=1 to try anyway")
+
+
 def load_model(path_or_preset: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-               quant_sim: bool = False, shared_expert_clamp: bool | None = None, seed: int = 0):
+               quant_sim: bool = False, shared_expert_clamp: bool | None = None, seed: int = 0,
+               check_memory: bool = True):
     """A `Transformer` from a checkpoint directory, or randomly initialized from a preset name.
 
     An existing directory wins over a preset of the same name. Checkpoint models are built on the
     meta device and filled from the shards (memory is never doubled); buffers that are not in the
-    checkpoint (RoPE tables) are recomputed by `model.reset_buffers()`. Returned in eval mode."""
+    checkpoint (RoPE tables) are recomputed by `model.reset_buffers()`. Returned in eval mode.
+
+    Before allocating, the weights' size is compared with the available memory (`check_memory`
+    above): CheckpointError when they cannot fit. check_memory=False or HATRT_SKIP_MEMORY_CHECK=1
+    skips that."""
+    memory_check = _check_memory_fn if check_memory else None
     path = Path(path_or_preset)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not path.is_dir():
         from .model import Transformer  # late: model.py may import this module
 
         config = preset(path_or_preset)
+        if memory_check is not None:
+            memory_check(config, dtype, what=f"preset {path_or_preset!r}", init_dtype=torch.float32)
         model = Transformer(config, quant_sim=quant_sim, shared_expert_clamp=shared_expert_clamp)
         model.init_random(seed)  # the model's own deterministic init (its own generator)
         _cast(model, config, dtype)
@@ -749,6 +932,8 @@ def load_model(path_or_preset: str | os.PathLike, *, dtype: torch.dtype = torch.
         config = ModelConfig.from_json(path / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from e
+    if memory_check is not None:
+        memory_check(config, dtype, what=str(path))
     from .model import Transformer
 
     with torch.device("meta"):
@@ -759,6 +944,9 @@ def load_model(path_or_preset: str | os.PathLike, *, dtype: torch.dtype = torch.
     if hasattr(model, "reset_buffers"):
         model.reset_buffers()
     return model.eval()
+
+
+_check_memory_fn = check_memory  # load_model's keyword shadows the function's name
 
 
 # ============================================================================ saving

@@ -607,3 +607,197 @@ def test_load_model_reads_transformers_save_pretrained(tmp_path, hf_model):
     for name, (_, kind) in kinds.items():
         want = hf_reference(hsd, name, config.moe_intermediate_size)
         assert torch.equal(got[name], want.to(torch.bfloat16) if kind == "float" else want), name
+
+
+# ----------------------------------------------------------------------------- a lost shard, no index
+def _sharded_without_index(tmp_path, flash, shard_bytes=300_000):
+    path = save_checkpoint(rand_state(flash), flash, tmp_path / "ck", shard_bytes=shard_bytes)
+    (path / "model.safetensors.index.json").unlink()
+    shards = sorted(p.name for p in path.glob("*.safetensors"))
+    assert len(shards) >= 3
+    return path, shards
+
+
+def _tensors_of(path: Path, shard: str) -> set[str]:
+    return set(load_file(path / shard))
+
+
+@pytest.mark.parametrize("which", [0, 1, -1], ids=["first", "middle", "last"])
+def test_error_missing_shard_without_index_names_shard_and_tensors(tmp_path, flash, which):
+    path, shards = _sharded_without_index(tmp_path, flash)
+    lost = _tensors_of(path, shards[which])
+    (path / shards[which]).unlink()
+    model = module_for(flash)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(model, path)
+    msg = str(e.value)
+    assert f"1 shard file(s) missing: {shards[which]}" in msg
+    assert "config/weights mismatch" not in msg  # a lost file is not a config problem
+    assert f"{len(lost)} tensor(s) missing from the checkpoint" in msg
+    named = [n for n in lost if n in msg]
+    assert len(named) == min(len(lost), 8), msg  # the first 8 names are spelled out ...
+    if len(lost) > 8:
+        assert f"... and {len(lost) - 8} more" in msg
+    with pytest.raises(CheckpointError, match=re.escape(shards[which])):  # ... and load_model says the same
+        load_model(str(path))
+
+
+def test_missing_shard_without_index_non_strict_warns(tmp_path, flash, caplog):
+    path, shards = _sharded_without_index(tmp_path, flash)
+    (path / shards[1]).unlink()
+    with caplog.at_level(logging.WARNING, logger="exporter.checkpoint"):
+        load_checkpoint(module_for(flash), path, strict=False)
+    assert f"shard file(s) missing: {shards[1]}" in caplog.text
+
+
+def test_missing_unnumbered_shard_lists_the_missing_tensors(tmp_path, flash):
+    """Shards without -of-N numbering: the gap cannot be seen, but the missing tensors are named."""
+    path, shards = _sharded_without_index(tmp_path, flash)
+    for i, s in enumerate(shards):
+        (path / s).rename(path / f"part{i}.safetensors")
+    lost = sorted(_tensors_of(path, "part1.safetensors"))
+    (path / "part1.safetensors").unlink()
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(module_for(flash), path)
+    msg = str(e.value)
+    assert "tensor(s) missing" in msg or "missing: " in msg
+    assert any(n in msg for n in lost), msg
+    if "config/weights mismatch" in msg:
+        assert "or a shard file is missing" in msg
+
+
+def test_complete_shards_without_index_still_load(tmp_path, flash):
+    path, _ = _sharded_without_index(tmp_path, flash)
+    model = module_for(flash)
+    load_checkpoint(model, path)
+
+
+# ----------------------------------------------------------------------------- memory check
+GiB = 2**30
+
+
+@pytest.fixture
+def small_machine(monkeypatch):
+    """A machine with 24 GiB available, whatever this one has; nothing may build a model."""
+    import exporter.checkpoint as ck
+
+    monkeypatch.delenv("HATRT_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(ck, "available_memory", lambda device="cpu": (24 * GiB, "MemAvailable in /proc/meminfo"))
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    import exporter.model
+
+    def boom(*a, **k):
+        raise AssertionError("a model was built before the memory check")
+
+    monkeypatch.setattr(exporter.model, "Transformer", boom)
+
+
+@pytest.mark.parametrize("dtype, need", [(torch.float32, 1059), (torch.bfloat16, 1059)])
+def test_memory_check_v4_flash_preset(small_machine, no_model_build, dtype, need):
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(CheckpointError) as e:
+        load_model("v4-flash", dtype=dtype)
+    assert time.monotonic() - t < 5
+    msg = str(e.value)
+    assert f"preset 'v4-flash' needs about {need}." in msg and "GiB for its weights in float32" in msg
+    assert "this machine has 24.0 GiB available (MemAvailable in /proc/meminfo)" in msg
+    assert "HATRT_SKIP_MEMORY_CHECK=1" in msg
+    if dtype == torch.bfloat16:
+        assert "then cast to bfloat16" in msg
+
+
+def test_memory_check_checkpoint_runs_before_reading(small_machine, no_model_build, tmp_path):
+    """Only config.json: the memory verdict comes before the shards are even looked at."""
+    ckpt = tmp_path / "flash-ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(preset("v4-flash").to_hf_dict()))
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(ckpt))} needs about 529\.\d GiB for its "
+                                              r"weights in bfloat16, this machine has 24\.0 GiB"):
+        load_model(str(ckpt), dtype=torch.bfloat16)
+
+
+def test_memory_check_small_preset_passes(small_machine):
+    assert load_model("tiny-flash") is not None
+
+
+def test_memory_check_real_machine_small_preset_and_v4_flash(monkeypatch, no_model_build):
+    from exporter.checkpoint import available_memory
+
+    monkeypatch.delenv("HATRT_SKIP_MEMORY_CHECK", raising=False)
+    avail = available_memory()
+    if avail is None:
+        pytest.skip("available memory cannot be read here")
+    assert avail[0] > 0
+    if avail[0] > 1100 * GiB:
+        pytest.skip("this machine could hold v4-flash in float32")
+    with pytest.raises(CheckpointError, match="needs about 1059"):
+        load_model("v4-flash")
+
+
+def test_memory_check_escape_hatches(small_machine, monkeypatch):
+    import exporter.checkpoint as ck
+
+    monkeypatch.setattr(ck, "available_memory", lambda device="cpu": (1024, "test"))
+    with pytest.raises(CheckpointError, match=r"preset .tiny-flash. needs about 2\.3 MiB .* has 0\.0 MiB available \(test\)"):
+        load_model("tiny-flash")
+    assert load_model("tiny-flash", check_memory=False) is not None
+    monkeypatch.setenv("HATRT_SKIP_MEMORY_CHECK", "1")
+    assert load_model("tiny-flash") is not None
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_bytes_matches_the_loaded_model(name, dtype):
+    from exporter.checkpoint import weight_bytes
+
+    model = load_model(name, dtype=dtype)
+    got = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert weight_bytes(preset(name), dtype) == got
+
+
+def test_available_memory_unknown_device_and_cuda_without_gpu():
+    from exporter.checkpoint import available_memory
+
+    assert available_memory("meta") is None
+    if not torch.cuda.is_available():
+        assert available_memory("cuda") is None
+
+
+def test_memory_check_hint_for_a_float32_checkpoint(small_machine, no_model_build, tmp_path):
+    ckpt = tmp_path / "flash-ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(preset("v4-flash").to_hf_dict()))
+    with pytest.raises(CheckpointError, match=r"in float32, .* Use a smaller model or dtype \(in bfloat16 it "
+                                              r"needs about 529\.\d GiB, still too much\)"):
+        load_model(str(ckpt))
+
+
+def test_cgroup_limits_v2_and_v1(tmp_path):
+    """A container's memory limit (not visible in /proc/meminfo) counts; file cache is reclaimable."""
+    from exporter.checkpoint import _cgroup_available
+
+    v2 = tmp_path / "v2"
+    (v2 / "kubepods" / "pod1").mkdir(parents=True)
+    (v2 / "kubepods" / "memory.max").write_text(f"{8 * GiB}\n")
+    (v2 / "kubepods" / "memory.current").write_text(f"{3 * GiB}\n")
+    (v2 / "kubepods" / "memory.stat").write_text(f"anon 1\ninactive_file {1 * GiB}\n")
+    (v2 / "kubepods" / "pod1" / "memory.max").write_text("max\n")  # no limit of its own: the parent's counts
+    (v2 / "kubepods" / "pod1" / "memory.current").write_text("5\n")
+    (tmp_path / "cg2").write_text("0::/kubepods/pod1\n")
+    assert _cgroup_available(str(tmp_path / "cg2"), str(v2)) == 6 * GiB
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "docker" / "abc").mkdir(parents=True)
+    (v1 / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text(f"{4 * GiB}\n")
+    (v1 / "memory" / "docker" / "abc" / "memory.usage_in_bytes").write_text(f"{1 * GiB}\n")
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # the root: no limit
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("1\n")
+    (tmp_path / "cg1").write_text("12:cpu:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert _cgroup_available(str(tmp_path / "cg1"), str(v1)) == 3 * GiB
+    (tmp_path / "cg0").write_text("0::/\n")
+    assert _cgroup_available(str(tmp_path / "cg0"), str(tmp_path / "none")) is None
+    assert _cgroup_available(str(tmp_path / "missing"), str(v2)) is None

@@ -650,3 +650,131 @@ def test_constructor_validates():
     with raises(r"'rope_scaling.factor' = 0.5"):
         c.replace(yarn=Yarn(factor=0.5, original_max_position_embeddings=256))
     assert math.isclose(c.nope_dim, 64)
+
+
+# ---------------------------------------------------------------------------- errors: float keys
+# Every float-valued key, where it lives in the dict (official / nested spelling), and a value of
+# the wrong type gives ConfigError naming the key, never a TypeError/ValueError traceback.
+FLOAT_KEYS = ["rms_norm_eps", "hc_eps", "swiglu_limit", "routed_scaling_factor", "rope_theta",
+              "compress_rope_theta", "partial_rotary_factor"]
+NESTED_FLOAT_KEYS = [("rope_scaling", "factor"), ("rope_scaling", "beta_fast"), ("rope_scaling", "beta_slow")]
+BAD_FLOATS = ["abc", "1e-6", [1e-6], {"value": 1.0}, True, False, None, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("bad", BAD_FLOATS, ids=repr)
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_float_key_with_wrong_type(key, bad):
+    if key == "partial_rotary_factor" and bad is None:
+        assert load(official("flash") | {key: None}) == preset("v4-flash")  # null: not given
+        return
+    with raises(rf"config key '{key}' = {re.escape(repr(bad))}: must be a finite number"):
+        load(official("flash") | {key: bad})
+
+
+@pytest.mark.parametrize("bad", BAD_FLOATS, ids=repr)
+@pytest.mark.parametrize("where, key", NESTED_FLOAT_KEYS)
+def test_nested_float_key_with_wrong_type(where, key, bad):
+    d = official("flash")
+    d[where][key] = bad
+    with raises(rf"config key '{where}.{key}' = {re.escape(repr(bad))}: must be a finite number"):
+        load(d)
+
+
+@pytest.mark.parametrize("bad", BAD_FLOATS, ids=repr)
+@pytest.mark.parametrize("part, key", [("main", "rope_theta"), ("compress", "rope_theta"),
+                                       ("compress", "factor"), ("compress", "beta_fast"),
+                                       ("compress", "beta_slow")])
+def test_rope_parameters_float_with_wrong_type(part, key, bad):
+    d = nested_no_ratios()
+    d["rope_parameters"][part][key] = bad
+    with raises(rf"config key 'rope_parameters.{part}.{key}' = {re.escape(repr(bad))}: must be a finite number"):
+        load(d)
+
+
+@pytest.mark.parametrize("bad", ["65536", [65536], True, 65536.5, None])
+def test_yarn_original_max_position_embeddings_wrong_type(bad):
+    d = official("flash")
+    d["rope_scaling"]["original_max_position_embeddings"] = bad
+    with raises(rf"'rope_scaling.original_max_position_embeddings' = {re.escape(repr(bad))}: must be an integer"):
+        load(d)
+
+
+@pytest.mark.parametrize("bad", ["yarn", [1], 3])
+def test_rope_scaling_not_an_object(bad):
+    with raises(rf"config key 'rope_scaling' = {re.escape(repr(bad))}: must be a JSON object"):
+        load(official("flash") | {"rope_scaling": bad})
+
+
+@pytest.mark.parametrize("key, value, why", [
+    ("rms_norm_eps", 0.0, "must be > 0"), ("rms_norm_eps", -1e-6, "must be > 0"),
+    ("rope_theta", 0.0, "must be > 0"), ("compress_rope_theta", -1.0, "must be > 0"),
+    ("routed_scaling_factor", 0.0, "must be > 0"), ("hc_eps", -1e-6, "must be >= 0"),
+    ("swiglu_limit", -1.0, "must be >= 0")])
+def test_float_key_out_of_range(key, value, why):
+    with raises(rf"config key '{key}' = {re.escape(repr(value))}: {why}"):
+        load(official("flash") | {key: value})
+
+
+def test_float_keys_accept_ints_and_zero_where_meaningful():
+    c = load(official("flash") | {"rope_theta": 10000, "swiglu_limit": 0, "hc_eps": 0, "routed_scaling_factor": 1})
+    assert c.rope_theta == 10000.0 and isinstance(c.rope_theta, float) and c.swiglu_limit == 0.0
+
+
+def test_constructor_checks_float_types():
+    c = preset("tiny-flash")
+    for key in ("rms_norm_eps", "hc_eps", "swiglu_limit", "routed_scaling_factor", "rope_theta",
+                "compress_rope_theta"):
+        with raises(rf"config key '{key}' = 'x': must be a finite number"):
+            c.replace(**{key: "x"})
+    with raises(r"'rope_scaling.beta_fast' = 'x': must be a finite number"):
+        c.replace(yarn=Yarn(factor=16.0, original_max_position_embeddings=256, beta_fast="x"))
+
+
+@pytest.mark.parametrize("key, value", [("num_nextn_predict_layers", "one"), ("compress_ratios", [0, 0, [4], 128]),
+                                        ("compress_ratios", [0, False, 4, 128])])
+def test_schedule_keys_with_wrong_type(key, value):
+    with raises(rf"config key '{key}"):
+        load(tiny(**{key: value}))
+
+
+def test_float_key_with_wrong_type_from_the_cli_exits_2(tmp_path):
+    from click.testing import CliRunner
+
+    from engines.cli import main
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(official("flash") | {"rms_norm_eps": "abc"}))
+    r = CliRunner().invoke(main, ["inspect", "--config", str(p)])
+    assert r.exit_code == 2, r.output
+    assert "'rms_norm_eps' = 'abc': must be a finite number" in r.output
+    assert "Traceback" not in r.output
+
+
+# ---------------------------------------------------------------------------- hatrt inspect --config DIR
+def test_inspect_config_accepts_a_checkpoint_directory(tmp_path):
+    from click.testing import CliRunner
+
+    from engines.cli import main
+
+    ckpt = tmp_path / "my-checkpoint"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(official("flash")))
+    runner = CliRunner()
+    by_dir = runner.invoke(main, ["inspect", "--config", str(ckpt), "--context", "128K", "--json"])
+    by_file = runner.invoke(main, ["inspect", "--config", str(ckpt / "config.json"), "--context", "128K", "--json"])
+    assert by_dir.exit_code == 0, by_dir.output
+    assert by_dir.output == by_file.output
+    assert json.loads(by_dir.output)
+
+
+def test_inspect_config_directory_without_config_json(tmp_path):
+    from click.testing import CliRunner
+
+    from engines.cli import main
+
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    r = CliRunner().invoke(main, ["inspect", "--config", str(empty)])
+    assert r.exit_code == 2, r.output
+    assert f"{empty} is a directory without a config.json" in r.output
+    assert "'--config'" in r.output and "Traceback" not in r.output
