@@ -84,6 +84,10 @@ class ModelConfig:
     intermediate_size: int = 0  # dense FFN width (ffn_type == "dense")
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
+    # Special tokens (config.json): they do not change the computation, so configs compare equal
+    # without them. eos_token_id: every id that ends a sequence (HF allows an int or a list).
+    bos_token_id: int | None = field(default=None, compare=False)
+    eos_token_id: tuple[int, ...] | None = field(default=None, compare=False)
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,12 @@ class ModelConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise bad(hf_key.get(key, key), v, "must be a positive integer")
+        for key, hf, low in _FLOAT_FIELDS:
+            v = getattr(self, key)
+            if not _is_real(v):
+                raise bad(hf, v, "must be a finite number")
+            if (low == "> 0" and v <= 0) or (low == ">= 0" and v < 0):
+                raise bad(hf, v, f"must be {low}")
         if len(self.compress_ratios) != self.num_layers:
             raise bad("compress_ratios", list(self.compress_ratios),
                       f"has {len(self.compress_ratios)} entries for num_hidden_layers={self.num_layers}")
@@ -157,6 +167,17 @@ class ModelConfig:
         elif self.intermediate_size <= 0:
             raise bad("intermediate_size", self.intermediate_size, "must be positive for a dense FFN")
         if self.yarn is not None:
+            for key in ("factor", "beta_fast", "beta_slow"):
+                v = getattr(self.yarn, key)
+                if not _is_real(v):
+                    raise bad(f"rope_scaling.{key}", v, "must be a finite number")
+            for key in ("beta_fast", "beta_slow"):
+                if getattr(self.yarn, key) <= 0:
+                    raise bad(f"rope_scaling.{key}", getattr(self.yarn, key), "must be > 0")
+            if not isinstance(self.yarn.original_max_position_embeddings, int) or \
+                    isinstance(self.yarn.original_max_position_embeddings, bool):
+                raise bad("rope_scaling.original_max_position_embeddings",
+                          self.yarn.original_max_position_embeddings, "must be an integer")
             if self.yarn.factor < 1:
                 raise bad("rope_scaling.factor", self.yarn.factor, "must be >= 1")
             if self.yarn.original_max_position_embeddings <= 0:
@@ -227,6 +248,10 @@ class ModelConfig:
             "num_nextn_predict_layers": self.num_nextn_predict_layers,
             "routed_scaling_factor": self.routed_scaling_factor,
         }
+        if self.bos_token_id is not None:
+            d["bos_token_id"] = self.bos_token_id
+        if self.eos_token_id is not None:
+            d["eos_token_id"] = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
         if self.yarn is not None:
             d["rope_scaling"] = {"type": "yarn", **dataclasses.asdict(self.yarn)}
         if self.ffn_type == "moe":
@@ -246,8 +271,7 @@ class ModelConfig:
 
 # Keys a V4 config.json may carry that do not change the computation.
 _IGNORED_KEYS = {
-    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
-    "eos_token_id", "pad_token_id", "use_cache", "initializer_range", "hidden_act",
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "pad_token_id", "use_cache", "initializer_range", "hidden_act",
     "attention_bias", "attention_dropout", "mlp_bias", "quantization_config", "expert_dtype",
     "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "topk_method",
     "auto_map", "first_k_dense_replace", "n_group", "topk_group", "kv_lora_rank",
@@ -263,11 +287,49 @@ _IGNORED_KEYS = {
 }
 
 
+# Float fields of ModelConfig: (attribute, config.json key, allowed range).
+_FLOAT_FIELDS = (
+    ("rope_theta", "rope_theta", "> 0"),
+    ("compress_rope_theta", "compress_rope_theta", "> 0"),
+    ("rms_norm_eps", "rms_norm_eps", "> 0"),
+    ("hc_eps", "hc_eps", ">= 0"),
+    ("routed_scaling_factor", "routed_scaling_factor", "> 0"),
+    ("swiglu_limit", "swiglu_limit", ">= 0"),  # 0: no clamp
+)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float, not a bool (JSON true/false), string, list or NaN/Infinity."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value))
+
+
+def _as_float(key: str, value: Any) -> float:
+    if not _is_real(value):
+        raise ConfigError(f"config key {key!r} = {value!r}: must be a finite number")
+    return float(value)
+
+
 def _as_int(key: str, value: Any) -> int:
     if (isinstance(value, bool) or not isinstance(value, (int, float))
             or not math.isfinite(value) or int(value) != value):
         raise ConfigError(f"config key {key!r} = {value!r}: must be an integer")
     return int(value)
+
+
+def _token_id(key: str, v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ConfigError(f"config key {key!r} = {v!r}: must be a non-negative integer token id")
+    return v
+
+
+def _token_ids(key: str, v: Any) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    items = v if isinstance(v, list) else [v]
+    return tuple(_token_id(key, t) for t in items)  # type: ignore[misc]
 
 
 def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
@@ -289,11 +351,11 @@ def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
     if "qk_rope_head_dim" in d:
         rope_dim = as_int("qk_rope_head_dim", d["qk_rope_head_dim"])
         prf = d.get("partial_rotary_factor")
-        if prf is not None and round(head_dim * float(prf)) != rope_dim:
+        if prf is not None and round(head_dim * _as_float("partial_rotary_factor", prf)) != rope_dim:
             raise ConfigError(f"config key 'partial_rotary_factor' = {prf!r}: disagrees with "
                               f"qk_rope_head_dim={rope_dim} (head_dim={head_dim})")
     elif "partial_rotary_factor" in d:
-        rope_dim = round(head_dim * float(d["partial_rotary_factor"]))
+        rope_dim = round(head_dim * _as_float("partial_rotary_factor", d["partial_rotary_factor"]))
     else:
         raise ConfigError("config key 'qk_rope_head_dim' is missing (nor is 'partial_rotary_factor' given)")
 
@@ -327,15 +389,17 @@ def _from_hf_dict(d: dict[str, Any], name: str) -> ModelConfig:
         compress_rope_theta=compress_theta,
         yarn=yarn,
         max_position_embeddings=as_int("max_position_embeddings", d.get("max_position_embeddings", 1048576)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_as_float("rms_norm_eps", d.get("rms_norm_eps", 1e-6)),
         hc_mult=as_int("hc_mult", d.get("hc_mult", 4)),
         hc_sinkhorn_iters=as_int("hc_sinkhorn_iters", d.get("hc_sinkhorn_iters", 20)),
-        hc_eps=float(d.get("hc_eps", 1e-6)),
+        hc_eps=_as_float("hc_eps", d.get("hc_eps", 1e-6)),
         ffn_type=ffn_type,
-        swiglu_limit=float(d.get("swiglu_limit", 10.0)),
-        routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
+        swiglu_limit=_as_float("swiglu_limit", d.get("swiglu_limit", 10.0)),
+        routed_scaling_factor=_as_float("routed_scaling_factor", d.get("routed_scaling_factor", 1.0)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         num_nextn_predict_layers=as_int("num_nextn_predict_layers", d.get("num_nextn_predict_layers", 0)),
+        bos_token_id=_token_id("bos_token_id", d.get("bos_token_id")),
+        eos_token_id=_token_ids("eos_token_id", d.get("eos_token_id")),
         name=name,
     )
     if ffn_type == "moe":
@@ -370,7 +434,7 @@ _USED_KEYS = {
     "compress_rope_theta", "max_position_embeddings", "rms_norm_eps", "hc_mult", "hc_sinkhorn_iters",
     "hc_eps", "ffn_type", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
     "moe_intermediate_size", "intermediate_size", "routed_scaling_factor", "num_hash_layers",
-    "scoring_func", "norm_topk_prob", "swiglu_limit", "num_nextn_predict_layers",
+    "scoring_func", "norm_topk_prob", "swiglu_limit", "num_nextn_predict_layers", "bos_token_id", "eos_token_id",
 }
 
 
@@ -388,13 +452,14 @@ def _layer_schedule(d: dict[str, Any], n_layers: int) -> tuple[int, ...]:
                               f"{LAYER_TYPE_TO_RATIO.get(kind)} for {kind}")
     if "compress_ratios" in d:
         ratios = d["compress_ratios"]
-        n_mtp = d.get("num_nextn_predict_layers", 0) or 0
+        n_mtp = d.get("num_nextn_predict_layers", 0)
+        n_mtp = 0 if n_mtp is None else _as_int("num_nextn_predict_layers", n_mtp)
         if not isinstance(ratios, list) or len(ratios) not in (n_layers, n_layers + n_mtp):
             n = len(ratios) if isinstance(ratios, list) else "?"
             raise ConfigError(f"config key 'compress_ratios' = {ratios!r}: has {n} entries, expected "
                               f"num_hidden_layers={n_layers} (+ num_nextn_predict_layers={n_mtp})")
         for i, r in enumerate(ratios):
-            if r not in RATIO_TO_LAYER_TYPE:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or r not in RATIO_TO_LAYER_TYPE:
                 raise ConfigError(f"config key 'compress_ratios[{i}]' = {r!r}: must be one of "
                                   f"{sorted(RATIO_TO_LAYER_TYPE)}")
         from_ratios = tuple(int(r) for r in ratios[:n_layers])
@@ -405,7 +470,7 @@ def _layer_schedule(d: dict[str, Any], n_layers: int) -> tuple[int, ...]:
             raise ConfigError(f"config key 'layer_types' has {n} entries for num_hidden_layers={n_layers}")
         out = []
         for i, t in enumerate(types):
-            if t not in LAYER_TYPE_TO_RATIO:
+            if not isinstance(t, str) or t not in LAYER_TYPE_TO_RATIO:
                 raise ConfigError(f"config key 'layer_types[{i}]' = {t!r}: must be one of "
                                   f"{sorted(LAYER_TYPE_TO_RATIO)}")
             out.append(LAYER_TYPE_TO_RATIO[t])
@@ -448,11 +513,13 @@ def _rope(d: dict[str, Any]) -> tuple[float, float, Yarn | None]:
         if main_type != "default":
             raise ConfigError(f"config key 'rope_parameters.main.rope_type' = {main_type!r}: window-only "
                               "layers use plain RoPE ('default')")
-        theta = float(main.get("rope_theta", d.get("rope_theta", 10000.0)))
-        ctheta = float(comp.get("rope_theta", d.get("compress_rope_theta", 160000.0)))
+        theta = (_as_float("rope_parameters.main.rope_theta", main["rope_theta"]) if "rope_theta" in main
+                 else _as_float("rope_theta", d.get("rope_theta", 10000.0)))
+        ctheta = (_as_float("rope_parameters.compress.rope_theta", comp["rope_theta"]) if "rope_theta" in comp
+                  else _as_float("compress_rope_theta", d.get("compress_rope_theta", 160000.0)))
         return theta, ctheta, _yarn(comp, "rope_parameters.compress")
-    theta = float(d.get("rope_theta", 10000.0))
-    ctheta = float(d.get("compress_rope_theta", 160000.0))
+    theta = _as_float("rope_theta", d.get("rope_theta", 10000.0))
+    ctheta = _as_float("compress_rope_theta", d.get("compress_rope_theta", 160000.0))
     scaling = d.get("rope_scaling")
     if scaling is None and isinstance(rp, dict):
         scaling = rp  # flat rope_parameters (transformers before nesting)
@@ -460,6 +527,8 @@ def _rope(d: dict[str, Any]) -> tuple[float, float, Yarn | None]:
 
 
 def _yarn(s: dict[str, Any], where: str) -> Yarn | None:
+    if not isinstance(s, dict):
+        raise ConfigError(f"config key {where!r} = {s!r}: must be a JSON object")
     kind = s.get("rope_type", s.get("type", "default"))
     if kind in ("default", None):
         return None
@@ -471,13 +540,19 @@ def _yarn(s: dict[str, Any], where: str) -> Yarn | None:
         if v not in ok and not (key == "mscale_all_dim" and v == s.get("mscale")):
             raise ConfigError(f"config key '{where}.{key}' = {v!r}: V4's YaRN applies no attention "
                               "scaling (must be 1)")
-    try:
-        factor = float(s["factor"])
-        orig = int(s["original_max_position_embeddings"])
-    except KeyError as e:
-        raise ConfigError(f"config key '{where}.{e.args[0]}' is missing for YaRN") from None
-    yarn = Yarn(factor=factor, original_max_position_embeddings=orig,
-                beta_fast=float(s.get("beta_fast", 32)), beta_slow=float(s.get("beta_slow", 1)))
-    if not math.isfinite(yarn.factor) or yarn.factor < 1:
-        raise ConfigError(f"config key '{where}.factor' = {s['factor']!r}: must be a finite number >= 1")
-    return yarn
+    for key in ("factor", "original_max_position_embeddings"):
+        if key not in s:
+            raise ConfigError(f"config key '{where}.{key}' is missing for YaRN")
+    factor = s["factor"]
+    if not _is_real(factor) or factor < 1:
+        raise ConfigError(f"config key '{where}.factor' = {factor!r}: must be a finite number >= 1")
+    orig = _as_int(f"{where}.original_max_position_embeddings", s["original_max_position_embeddings"])
+    beta_fast = _as_float(f"{where}.beta_fast", s.get("beta_fast", 32))
+    beta_slow = _as_float(f"{where}.beta_slow", s.get("beta_slow", 1))
+    for key, v in (("beta_fast", beta_fast), ("beta_slow", beta_slow)):
+        if v <= 0:
+            raise ConfigError(f"config key '{where}.{key}' = {s[key]!r}: must be > 0")
+    if orig <= 0:
+        raise ConfigError(f"config key '{where}.original_max_position_embeddings' = {orig!r}: must be positive")
+    return Yarn(factor=float(factor), original_max_position_embeddings=orig, beta_fast=beta_fast,
+                beta_slow=beta_slow)
