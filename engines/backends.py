@@ -1,43 +1,46 @@
-"""Runtimes behind one small interface, so one generate loop (engines/generate.py) drives them all.
+"""Runtimes behind one interface: the only way hatrt runs a model.
 
-A `Backend` runs the two graphs of exporter/graph.py with the cache as a flat tensor list in
-`cache_layout` order (engines/cache_ops.py operates on it):
+A `Backend` runs the step graph of the export contract (exporter/contract.py) on a `KVCache`
+(engines/cache_ops.py) that it keeps in its native form and updates in place:
 
-    backend.prefill(input_ids [1, S])      -> (logits [1, S, V] float32, cache)
-    backend.decode(input_ids [B, 1], cache) -> (logits [B, 1, V] float32, cache)
+    cache = backend.new_cache(batch)
+    logits = backend.step(input_ids [B, S], cache)            # -> [B, 1, V] float32, last position
+    logits = backend.step(ids, cache, logits_index=idx)       # -> [B, len(idx), V]
+    logits, cache = backend.prefill(ids [B, S], chunk_size=512)  # a prompt of any length, in chunks
+    logits = backend.decode(ids [B, 1], cache)
 
-Prefill returns entry buffers of exactly the complete blocks (S // ratio); before a decode step
-the caller makes every entry capacity >= the complete blocks after that step
-(`cache_ops.ensure_capacity`).
+`step` grows the entry capacities it needs (amortized) before it runs; everything else (chunking,
+decoding, batching, the generate loop, `hatrt check`) is written once on top of it.
 
-- `TorchBackend(model)`: PrefillGraph / DecodeGraph run eagerly (the reference).
-- `OnnxRuntimeBackend(artifact_dir)`: prefill.onnx / decode.onnx of an export directory
-  (exporter/export.py), wired by the names in its manifest.json.
-- `load_backend(source, backend)`: a preset name, checkpoint directory or export directory.
+- `TorchBackend(model)`: the reference, exporter/graph.py's StepGraph run eagerly.
+- `OnnxRuntimeBackend(export_dir)`: step.onnx under onnxruntime with IO binding: the cache tensors
+  are bound in place (no copies) as inputs, the outputs go into a second set of buffers of the same
+  shapes, and the two sets swap roles after each step (ping-pong). On the CUDA provider with CUDA
+  tensors nothing crosses to the host but the logits.
+- `load_backend(source, name)`: a preset name, checkpoint directory or export directory.
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from exporter import contract
 from exporter.cache import TensorSpec, cache_layout
 from exporter.config import ConfigError, ModelConfig
+from exporter.contract import ExportError
 
 from . import cache_ops
+from .cache_ops import KVCache
 
 TORCH, ONNXRUNTIME = "torch", "onnxruntime"
 BACKENDS = (TORCH, ONNXRUNTIME)
-MANIFEST = "manifest.json"
-INPUT_IDS, LOGITS = "input_ids", "logits"
-CACHE_IN, CACHE_OUT = "cache.", "new_cache."
-_NUMPY = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class BackendError(ValueError):
@@ -45,19 +48,74 @@ class BackendError(ValueError):
 
 
 class Backend(abc.ABC):
-    """One runtime: `config`, cache `layout`, `prefill` and `decode` on flat caches, `name`."""
+    """One runtime: `config`, cache `layout`, `device`, `name`, and `step` on a KVCache."""
 
     name: str
     config: ModelConfig
     layout: list[TensorSpec]
+    device: torch.device = torch.device("cpu")
 
     @abc.abstractmethod
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids [1, S] int64 -> (logits [1, S, V] float32, cache after the prompt)."""
+    def _run_step(self, input_ids: torch.Tensor, logits_index: torch.Tensor, cache: KVCache,
+                  layer_outputs: list[torch.Tensor] | None) -> torch.Tensor:
+        """Run the step graph; update `cache.tensors` in place; return logits [B, n, V] float32."""
 
-    @abc.abstractmethod
-    def decode(self, input_ids: torch.Tensor, cache: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """input_ids [B, 1] int64 + cache -> (logits [B, 1, V] float32, updated cache)."""
+    # -- the interface, shared by every backend ------------------------------------------------
+    def new_cache(self, batch: int = 1) -> KVCache:
+        return cache_ops.empty(self.config, self.layout, batch, self.device)
+
+    def step(self, input_ids: torch.Tensor, cache: KVCache, logits_index: torch.Tensor | Sequence[int] | None = None,
+             layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed input_ids [B, S] (S >= 1) to the B sequences of `cache`, each from its own position.
+
+        Returns logits [B, n, V] float32 at `logits_index` (positions within the S tokens; default
+        the last). layer_outputs, when given, receives every layer's streams (per-layer exports)."""
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise BackendError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
+        b, s = input_ids.shape
+        if b != cache.batch:
+            raise BackendError(f"input_ids has batch {b}, the cache holds {cache.batch} sequences")
+        last = int(cache.positions.max()) + s - 1
+        if last >= self.config.max_position_embeddings:
+            raise BackendError(f"position {last} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+        if logits_index is None:
+            logits_index = torch.tensor([s - 1], dtype=torch.long)
+        else:
+            logits_index = torch.as_tensor(logits_index, dtype=torch.long).reshape(-1)
+            if logits_index.numel() == 0 or int(logits_index.min()) < 0 or int(logits_index.max()) >= s:
+                raise BackendError(f"logits_index must be a non-empty list of positions in [0, {s})")
+        cache.ensure_capacity(self.config, last)
+        logits = self._run_step(input_ids.to(torch.long), logits_index, cache, layer_outputs)
+        cache.positions += s
+        return logits
+
+    def prefill(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, chunk_size: int | None = None,
+                all_logits: bool = False, progress: Callable[[int, int], None] | None = None
+                ) -> tuple[torch.Tensor, KVCache]:
+        """Feed a prompt [B, S] (rows of equal length) in chunks of `chunk_size` tokens (default 512):
+        memory is bounded by the chunk, not the prompt. Returns (logits, cache): logits at the last
+        position [B, 1, V], or at every position [B, S, V] when all_logits. progress(done, total)."""
+        chunk = DEFAULT_PREFILL_CHUNK if chunk_size is None else int(chunk_size)
+        if chunk < 1:
+            raise BackendError(f"chunk_size must be >= 1, got {chunk_size}")
+        if cache is None:
+            cache = self.new_cache(input_ids.shape[0])
+        total = input_ids.shape[1]
+        outs = []
+        for start in range(0, total, chunk):
+            part = input_ids[:, start:start + chunk]
+            n = part.shape[1]
+            idx = torch.arange(n) if all_logits else None
+            logits = self.step(part, cache, logits_index=idx)
+            if all_logits or start + n == total:
+                outs.append(logits)
+            if progress is not None:
+                progress(start + n, total)
+        return (torch.cat(outs, 1) if all_logits else outs[-1]), cache
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence: input_ids [B, 1] -> logits [B, 1, V]."""
+        return self.step(input_ids, cache)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.name!r})"
@@ -65,56 +123,30 @@ class Backend(abc.ABC):
 
 # ============================================================================ torch
 class TorchBackend(Backend):
-    """The reference: exporter/graph.py's PrefillGraph / DecodeGraph run eagerly under no_grad."""
+    """The reference: exporter/graph.py's StepGraph run eagerly under no_grad."""
 
     name = TORCH
 
     def __init__(self, model):
-        from exporter.graph import DecodeGraph, PrefillGraph
+        from exporter.graph import StepGraph
 
         self.model = model.eval()
         self.config = model.config
         self.layout = cache_layout(model.config, model.dtype)
-        self._prefill, self._decode = PrefillGraph(self.model), DecodeGraph(self.model)
-        self._device = model.embed.weight.device
+        self.device = model.embed.weight.device
+        self._graph = StepGraph(self.model, per_layer=True)  # layer streams: a list the model fills anyway
 
-    def _split(self, out: tuple) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    @torch.no_grad()
+    def _run_step(self, input_ids, logits_index, cache, layer_outputs):
         n = len(self.layout)
-        return out[0].float(), list(out[1:1 + n])
-
-    @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self._split(self._prefill(input_ids.to(self._device, torch.long)))
-
-    @torch.no_grad()
-    def decode(self, input_ids: torch.Tensor, cache: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        cache = [t.to(self._device) for t in cache]
-        return self._split(self._decode(input_ids.to(self._device, torch.long), *cache))
+        out = self._graph(input_ids.to(self.device), logits_index.to(self.device), *cache.tensors)
+        cache.tensors = list(out[1:1 + n])
+        if layer_outputs is not None:
+            layer_outputs.extend(out[1 + n:])
+        return out[0].float()
 
 
 # ============================================================================ ONNX Runtime
-def read_manifest(artifact_dir: str | os.PathLike) -> dict:
-    """manifest.json of an export directory (exporter.export.read_manifest), errors as BackendError."""
-    from exporter.export import ExportError
-    from exporter.export import read_manifest as _read
-
-    try:
-        return _read(artifact_dir)
-    except ExportError as e:
-        raise BackendError(str(e)) from None
-
-
-def manifest_layout(manifest: dict) -> list[TensorSpec]:
-    return [TensorSpec(s["name"], tuple(s["dims"]), s["dtype"]) for s in manifest["cache_layout"]]
-
-
-def manifest_config(manifest: dict, where: str = MANIFEST) -> ModelConfig:
-    try:
-        return ModelConfig.from_hf_dict(manifest["config"], name=str(manifest.get("model") or "custom"))
-    except ConfigError as e:
-        raise BackendError(f"{where}: key 'config': {e}") from None
-
-
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it, then CPU."""
     import onnxruntime as ort
@@ -123,101 +155,102 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxRuntimeBackend(Backend):
-    """prefill.onnx / decode.onnx of an export directory under onnxruntime.InferenceSession.
+def read_manifest(export_dir: str | os.PathLike, verify: str = "fast") -> dict:
+    """exporter.contract.read_manifest with errors as BackendError."""
+    try:
+        return contract.read_manifest(export_dir, verify=verify)
+    except ExportError as e:
+        raise BackendError(str(e)) from None
 
-    Inputs and outputs are bound by the manifest's names ("input_ids", "cache.<spec>", "logits",
-    "new_cache.<spec>"); tensors cross as numpy in the manifest's dtypes. Extra outputs (per-layer
-    streams of a per_layer export) are not fetched."""
+
+class OnnxRuntimeBackend(Backend):
+    """step.onnx of an export directory under onnxruntime.InferenceSession, with IO binding.
+
+    The manifest is checked (names, dtypes, the sha256 of every file) when the backend is made."""
 
     name = ONNXRUNTIME
 
-    def __init__(self, artifact_dir: str | os.PathLike, providers: Sequence[str] | None = None,
-                 session_options: Any = None):
+    def __init__(self, export_dir: str | os.PathLike, providers: Sequence[str] | None = None,
+                 session_options: Any = None, verify: str = "fast"):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendError("the onnxruntime backend needs the onnxruntime package "
                                "(pip install onnxruntime, or onnxruntime-gpu for CUDA)") from None
-        self.artifact_dir = Path(artifact_dir)
-        self.manifest = read_manifest(self.artifact_dir)
-        where = str(self.artifact_dir / MANIFEST)
-        self.config = manifest_config(self.manifest, where)
-        self.layout = manifest_layout(self.manifest)
-        for spec in self.layout:
-            if spec.dtype not in _NUMPY:
-                raise BackendError(f"{where}: cache_layout tensor {spec.name!r} has dtype {spec.dtype!r}, "
-                                   f"which numpy/onnxruntime cannot carry (supported: {', '.join(_NUMPY)})")
-        cache_names = [s.name for s in self.layout]
-        self._io: dict[str, dict[str, dict]] = {}
-        for graph, inputs in (("prefill", [INPUT_IDS]), ("decode", [INPUT_IDS] + [CACHE_IN + n for n in cache_names])):
-            info = self.manifest["graphs"][graph]
-            got_in = [io["name"] for io in info["inputs"]]
-            if got_in != inputs:
-                raise BackendError(f"{where}: graphs.{graph}.inputs are {_short(got_in)}, expected {_short(inputs)} "
-                                   "(input_ids, then cache.<name> in cache_layout order)")
-            outputs = [LOGITS] + [CACHE_OUT + n for n in cache_names]
-            got_out = [io["name"] for io in info["outputs"]]
-            if got_out[:len(outputs)] != outputs:
-                raise BackendError(f"{where}: graphs.{graph}.outputs start with {_short(got_out[:len(outputs)])}, "
-                                   f"expected {_short(outputs)}")
-            for io in info["inputs"] + info["outputs"]:
-                if io["name"] in set(inputs) | set(outputs) and io["dtype"] not in _NUMPY:
-                    raise BackendError(f"{where}: graphs.{graph} tensor {io['name']!r} has dtype {io['dtype']!r} "
-                                       f"(supported: {', '.join(_NUMPY)})")
-            self._io[graph] = {io["name"]: io for io in info["inputs"] + info["outputs"]}
-        self._outputs = [LOGITS] + [CACHE_OUT + n for n in cache_names]
-
+        self.export_dir = Path(export_dir)
+        self.manifest = read_manifest(self.export_dir, verify=verify)
+        where = self.export_dir / contract.MANIFEST
+        try:
+            self.config = contract.manifest_config(self.manifest, where)
+            self.layout = contract.manifest_layout(self.manifest)
+            contract.check_layout(self.config, self.layout, self.manifest["dtype"], where)
+        except ExportError as e:
+            raise BackendError(str(e)) from None
+        info = self.manifest["graphs"][contract.STEP]
+        self._dtypes = {io["name"]: io["dtype"] for io in info["inputs"] + info["outputs"]}
+        self.per_layer = bool(self.manifest.get("per_layer", False))
         self.providers = list(providers) if providers is not None else default_providers()
-        self.sessions = {}
-        for graph in ("prefill", "decode"):
-            path = self.artifact_dir / self.manifest["graphs"][graph]["file"]  # read_manifest: it exists
-            try:
-                session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise BackendError(f"{path}: onnxruntime cannot load the graph: {e}") from None
-            names = [i.name for i in session.get_inputs()]
-            want = [io["name"] for io in self.manifest["graphs"][graph]["inputs"]]
-            if names != want:
-                raise BackendError(f"{path}: graph inputs {_short(names)} differ from the manifest's {_short(want)}")
-            out_names = {o.name for o in session.get_outputs()}
-            missing = [n for n in self._outputs if n not in out_names]
-            if missing:
-                raise BackendError(f"{path}: graph has no outputs {_short(missing)} named in the manifest")
-            self.sessions[graph] = session
+        path = self.export_dir / info["file"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise BackendError(f"{path}: onnxruntime cannot load the graph: {e}") from None
+        names = [i.name for i in self.session.get_inputs()]
+        want = contract.step_input_names(self.layout)
+        if names != want:
+            raise BackendError(f"{path}: graph inputs {contract.short(names)} differ from the manifest's "
+                               f"{contract.short(want)}")
+        out_names = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in contract.step_output_names(self.layout) if n not in out_names]
+        if missing:
+            raise BackendError(f"{path}: graph has no outputs {contract.short(missing)} named in the manifest")
+        self._layer_names = [contract.layer_output_name(i) for i in range(self.config.num_layers)
+                             if contract.layer_output_name(i) in out_names]
+        self._cache_in = contract.cache_input_names(self.layout)
+        self._cache_out = contract.cache_output_names(self.layout)
+        cuda = self.providers and self.providers[0] == "CUDAExecutionProvider" and torch.cuda.is_available()
+        self.device = torch.device("cuda") if cuda else torch.device("cpu")
 
-    def _feed(self, graph: str, name: str, t: torch.Tensor) -> np.ndarray:
-        dtype = _NUMPY[self._io[graph][name]["dtype"]]
-        return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=dtype)
+    def _bind(self, binding, name: str, t: torch.Tensor, output: bool = False) -> None:
+        kind = "cuda" if t.is_cuda else "cpu"
+        args = (name, kind, t.device.index or 0, contract.NUMPY_DTYPES[self._dtypes[name]], tuple(t.shape),
+                t.data_ptr())
+        binding.bind_output(*args) if output else binding.bind_input(*args)
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        out = self.sessions[graph].run(self._outputs, feeds)
-        logits = torch.from_numpy(np.asarray(out[0], dtype=np.float32))
-        cache = [torch.from_numpy(np.ascontiguousarray(a, dtype=_NUMPY[s.dtype])) for a, s in zip(out[1:], self.layout)]
-        return logits, cache
-
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return self._run("prefill", {INPUT_IDS: self._feed("prefill", INPUT_IDS, input_ids)})
-
-    def decode(self, input_ids: torch.Tensor, cache: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if len(cache) != len(self.layout):
-            raise BackendError(f"decode: {len(cache)} cache tensors, the layout has {len(self.layout)}")
-        feeds = {INPUT_IDS: self._feed("decode", INPUT_IDS, input_ids)}
-        for spec, t in zip(self.layout, cache):
-            feeds[CACHE_IN + spec.name] = self._feed("decode", CACHE_IN + spec.name, t)
-        return self._run("decode", feeds)
-
-
-def _short(names: Sequence[str], limit: int = 6) -> str:
-    names = list(names)
-    text = ", ".join(repr(n) for n in names[:limit])
-    return f"[{text}{', ...' if len(names) > limit else ''}] ({len(names)})"
+    def _run_step(self, input_ids, logits_index, cache, layer_outputs):
+        dev = cache.device
+        b = input_ids.shape[0]
+        ids = input_ids.to(dev).contiguous()
+        idx = logits_index.to(dev).contiguous()
+        spare = cache.scratch.get(ONNXRUNTIME)
+        if spare is None:  # the ping-pong half: buffers of the cache's shapes, allocated once per shape
+            spare = cache.scratch[ONNXRUNTIME] = [torch.empty_like(t) for t in cache.tensors]
+        logits = torch.empty(b, idx.numel(), self.config.vocab_size, dtype=torch.float32, device=dev)
+        binding = self.session.io_binding()
+        self._bind(binding, contract.INPUT_IDS, ids)
+        self._bind(binding, contract.LOGITS_INDEX, idx)
+        for name, t in zip(self._cache_in, cache.tensors):
+            self._bind(binding, name, t)
+        self._bind(binding, contract.LOGITS, logits, output=True)
+        for name, t in zip(self._cache_out, spare):
+            self._bind(binding, name, t, output=True)
+        wanted_layers = self._layer_names if layer_outputs is not None else []
+        for name in wanted_layers:
+            binding.bind_output(name, "cuda" if dev.type == "cuda" else "cpu")
+        if dev.type == "cuda":
+            binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        if wanted_layers:
+            values = binding.get_outputs()[1 + len(self._cache_out):]
+            layer_outputs.extend(torch.from_numpy(v.numpy()) for v in values)
+        cache.scratch[ONNXRUNTIME], cache.tensors = cache.tensors, spare
+        return logits
 
 
 # ============================================================================ loading
 def is_export_dir(source: str | os.PathLike) -> bool:
     path = Path(source)
-    return path.is_dir() and (path / MANIFEST).is_file()
+    return path.is_dir() and (path / contract.MANIFEST).is_file()
 
 
 def _torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -240,7 +273,7 @@ def _load_torch(source: str | os.PathLike, dtype: torch.dtype, quant_sim: bool, 
                                f"(presets: {', '.join(PRESETS)})")
         if path.is_dir() and not (path / "config.json").is_file():
             raise BackendError(f"{path}: neither a checkpoint (no config.json) nor an export directory "
-                               f"(no {MANIFEST})")
+                               f"(no {contract.MANIFEST})")
     try:
         model = load_model(source, dtype=dtype, quant_sim=quant_sim)
     except (CheckpointError, ConfigError) as e:
@@ -248,6 +281,16 @@ def _load_torch(source: str | os.PathLike, dtype: torch.dtype, quant_sim: bool, 
     if device is not None:
         model = model.to(device)
     return TorchBackend(model)
+
+
+def export_source(manifest: dict, where: str | os.PathLike) -> str:
+    """The preset or checkpoint an export was made from (what the torch backend loads)."""
+    src = manifest.get("source")
+    if not isinstance(src, dict) or src.get("kind") not in ("preset", "checkpoint") or not src.get("value"):
+        raise BackendError(f"{where}: an export directory holds no torch weights and the manifest names no "
+                           "'source' preset or checkpoint; pass the checkpoint directory (or preset) it was "
+                           "exported from instead")
+    return str(src["value"])
 
 
 def load_backend(source: str | os.PathLike, backend: str = TORCH, *, dtype: str | torch.dtype | None = None,
@@ -269,30 +312,25 @@ def load_backend(source: str | os.PathLike, backend: str = TORCH, *, dtype: str 
         if not export_dir:
             path = Path(source)
             if path.is_dir():
-                raise BackendError(f"{path}: no {MANIFEST}: the onnxruntime backend runs an export directory "
-                                   "(write one with exporter.export.export_model / hatrt export)")
+                raise BackendError(f"{path}: no {contract.MANIFEST}: the onnxruntime backend runs an export "
+                                   "directory (write one with exporter.export.export_model / hatrt export)")
             from exporter.presets import PRESETS
 
             kind = "a preset name, not an export directory" if str(source) in PRESETS else "no such export directory"
             raise BackendError(f"{source}: {kind}; the onnxruntime backend runs an export directory "
-                               f"(prefill.onnx, decode.onnx, {MANIFEST}; write one with hatrt export)")
+                               f"({contract.STEP_FILE}, {contract.MANIFEST}; write one with hatrt export)")
         ort_backend = OnnxRuntimeBackend(source, providers=providers)
-        _check_agrees(ort_backend.manifest, Path(source) / MANIFEST, dtype, quant_sim)
+        _check_agrees(ort_backend.manifest, Path(source) / contract.MANIFEST, dtype, quant_sim)
         return ort_backend
 
     want_dtype = _torch_dtype(dtype)
     if not export_dir:
         return _load_torch(source if checkpoint is None else checkpoint, want_dtype or torch.float32,
                            bool(quant_sim), device)
-    manifest = read_manifest(source)
-    where = Path(source) / MANIFEST
+    manifest = read_manifest(source, verify="none")
+    where = Path(source) / contract.MANIFEST
     if checkpoint is None:
-        src = manifest.get("source")
-        if not isinstance(src, dict) or src.get("kind") not in ("preset", "checkpoint") or not src.get("value"):
-            raise BackendError(f"{where}: an export directory holds no torch weights and the manifest names no "
-                               "'source' preset or checkpoint; pass the checkpoint directory (or preset) it was "
-                               "exported from instead")
-        checkpoint = src["value"]
+        checkpoint = export_source(manifest, where)
     m_dtype = _torch_dtype(manifest["dtype"])
     return _load_torch(checkpoint, want_dtype or m_dtype, bool(manifest.get("quant_sim", False))
                        if quant_sim is None else quant_sim, device)
@@ -308,6 +346,6 @@ def _check_agrees(manifest: dict, where: Path, dtype, quant_sim: bool | None) ->
                            "was asked for")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "ONNXRUNTIME", "OnnxRuntimeBackend", "TORCH", "TorchBackend",
-           "default_providers", "is_export_dir", "load_backend", "manifest_config", "manifest_layout",
-           "read_manifest"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "DEFAULT_PREFILL_CHUNK", "KVCache", "ONNXRUNTIME",
+           "OnnxRuntimeBackend", "TORCH", "TorchBackend", "default_providers", "export_source", "is_export_dir",
+           "load_backend", "read_manifest"]

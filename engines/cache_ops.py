@@ -1,33 +1,34 @@
-"""Operations on a flat cache: a list of tensors in `cache_layout` order, driven by the layout.
+"""The decoding state a backend holds (`KVCache`) and the operations on it, driven by the layout.
 
-Every backend (torch, ONNX Runtime, TensorRT) holds its decoding state as this list, so batching
-logic lives here once: which axis is the batch, which axes are entry capacities that grow, what
-a tensor must look like, all come from the `TensorSpec`s (exporter/cache.py), never from tensor
-names or per-backend code.
+Every backend (torch, ONNX Runtime, TensorRT) keeps a batch's cache as a list of tensors in
+`cache_layout` order (exporter/cache.py), on its own device, in the dtypes of the layout. Batching
+logic lives here once: which axis is the batch, which axes are entry capacities that grow, what a
+tensor must look like, all come from the `TensorSpec`s, never from tensor names or backend code.
 
-- `merge(caches, layout)`: stack per-sequence caches into one batch; entry capacities are padded
+- `empty(config, layout, batch, device)`: a fresh cache (position 0).
+- `KVCache.merge(caches)`: stack per-sequence caches into one batch; entry capacities are padded
   with zeros to the largest (padding is never read: the attention ops mask entries that are not
   complete for a query's position).
-- `select(cache, layout, rows)`: keep some sequences (drop finished ones).
-- `ensure_capacity(cache, layout, csa_needed, hca_needed)`: grow entry capacities, zero-filled,
-  by at least 25% at a time, so a long generation reallocates O(log T) times.
-- `entries_needed(config, max_pos)`: what a decoding step at position `max_pos` needs.
-- `empty`, `validate`, `positions`, `batch_size`, `capacities`, `nbytes`.
+- `cache.select(rows)`: keep some sequences (drop finished ones), in that order.
+- `cache.ensure_capacity(config, last_pos)`: grow entry capacities, zero-filled, by
+  exporter.cache.grown_capacity (at least +25%), so a long generation reallocates O(log T) times.
+
+A cache is validated when it is made (empty, from_tensors, merge, select), not on every step; the
+host keeps each row's position (`positions`), so no step reads the device to know where it is.
+Backends may keep private buffers in `scratch` (ONNX Runtime's ping-pong outputs); every operation
+that replaces the tensors clears it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from exporter.cache import BATCH, CSA_ENTRIES, HCA_ENTRIES, Cache, TensorSpec, cache_layout, merge_flat
-from exporter.config import CSA, HCA, ModelConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-POS = "pos"  # the layout entry holding each sequence's next position
-ENTRY_DIMS = {CSA_ENTRIES: CSA, HCA_ENTRIES: HCA}  # dynamic entry dim -> its compression ratio
-MIN_CAPACITY = 16
+from exporter.cache import BATCH, CSA_ENTRIES, HCA_ENTRIES, MIN_CAPACITY, Cache, TensorSpec, cache_layout, grown_capacity
+from exporter.config import ModelConfig
+from exporter.contract import ENTRY_DIMS, POS, TORCH_DTYPES, entries_needed
 
 
 class CacheError(ValueError):
@@ -36,9 +37,9 @@ class CacheError(ValueError):
 
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return DTYPES[name]
+        return TORCH_DTYPES[name]
     except KeyError:
-        raise CacheError(f"unknown cache dtype {name!r}; expected one of {', '.join(DTYPES)}") from None
+        raise CacheError(f"unknown cache dtype {name!r}; expected one of {', '.join(TORCH_DTYPES)}") from None
 
 
 def spec_index(layout: Sequence[TensorSpec], name: str) -> int:
@@ -55,24 +56,24 @@ def _batch_axis(spec: TensorSpec) -> int:
         raise CacheError(f"cache tensor {spec.name!r} has no {BATCH!r} dim: {list(spec.dims)}") from None
 
 
-def _dynamic_axes(spec: TensorSpec) -> list[tuple[int, str]]:
-    """(axis, dim name) of every dynamic dim except the batch."""
-    return [(i, d) for i, d in enumerate(spec.dims) if isinstance(d, str) and d != BATCH]
-
-
-def validate(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], what: str = "cache") -> dict[str, int]:
-    """Check count, rank, static dims, dtypes and that each dynamic dim has one size throughout.
+def validate(tensors: Sequence[torch.Tensor], layout: Sequence[TensorSpec], what: str = "cache") -> dict[str, int]:
+    """Check count, rank, static dims, dtypes, one device, and that each dynamic dim has one size.
 
     Returns the size of every dynamic dim (batch included)."""
-    if len(cache) != len(layout):
-        raise CacheError(f"{what}: {len(cache)} tensors, the layout has {len(layout)}")
+    if len(tensors) != len(layout):
+        raise CacheError(f"{what}: {len(tensors)} tensors, the layout has {len(layout)}")
     sizes: dict[str, tuple[int, str]] = {}
-    for t, spec in zip(cache, layout):
+    device = tensors[0].device if tensors else None
+    for t, spec in zip(tensors, layout):
+        if not isinstance(t, torch.Tensor):
+            raise CacheError(f"{what}: {spec.name!r} is a {type(t).__name__}, not a torch.Tensor")
         if t.dim() != len(spec.dims):
             raise CacheError(f"{what}: {spec.name!r} has shape {tuple(t.shape)}, the layout says {list(spec.dims)}")
         if t.dtype != torch_dtype(spec.dtype):
             raise CacheError(f"{what}: {spec.name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
                              f"the layout says {spec.dtype}")
+        if t.device != device:
+            raise CacheError(f"{what}: {spec.name!r} is on {t.device}, the first tensor on {device}")
         for axis, (n, d) in enumerate(zip(t.shape, spec.dims)):
             if isinstance(d, int):
                 if n != d:
@@ -84,36 +85,95 @@ def validate(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], what: 
     return {d: n for d, (n, _) in sizes.items()}
 
 
-def capacities(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec]) -> dict[str, int]:
-    """Current size of every dynamic dim (batch, csa_entries, hca_entries) present in the layout."""
-    return validate(cache, layout)
+class KVCache:
+    """A batch's cache: `tensors` in layout order on one device, `positions` (host, int64 [batch])."""
 
+    def __init__(self, layout: Sequence[TensorSpec], tensors: Sequence[torch.Tensor],
+                 positions: np.ndarray | None = None, what: str = "cache"):
+        self.layout = list(layout)
+        sizes = validate(tensors, self.layout, what)
+        self.tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+        self.sizes = sizes
+        if positions is None:
+            positions = self.tensors[spec_index(self.layout, POS)].cpu().numpy()
+        self.positions = np.array(positions, dtype=np.int64).reshape(-1)
+        if len(self.positions) != sizes.get(BATCH, 0):
+            raise CacheError(f"{what}: {len(self.positions)} positions for a batch of {sizes.get(BATCH)}")
+        self.scratch: dict = {}
 
-def batch_size(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec]) -> int:
-    spec = layout[0]
-    return cache[0].shape[_batch_axis(spec)]
+    @property
+    def batch(self) -> int:
+        return int(self.sizes[BATCH])
 
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
 
-def positions(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec]) -> torch.Tensor:
-    """Each sequence's next position (the `pos` tensor), [batch] int64."""
-    return cache[spec_index(layout, POS)]
+    def capacities(self) -> dict[str, int]:
+        """Entry capacity per dynamic entry dim present in the layout."""
+        return {d: n for d, n in self.sizes.items() if d in ENTRY_DIMS}
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
-def entries_needed(config: ModelConfig, max_pos: int) -> dict[str, int]:
-    """Entry capacity a step that feeds the token at position `max_pos` needs, per dynamic dim:
-    the number of complete blocks after that token, (max_pos + 1) // ratio."""
-    ratios = set(config.compress_ratios)
-    return {dim: (max_pos + 1) // ratio for dim, ratio in ENTRY_DIMS.items() if ratio in ratios}
+    def replace(self, tensors: list[torch.Tensor]) -> None:
+        """New tensors of the same layout (validated), e.g. grown ones; drops backend scratch."""
+        self.sizes = validate(tensors, self.layout)
+        self.tensors = tensors
+        self.scratch.clear()
 
+    def to(self, device: torch.device | str) -> "KVCache":
+        return KVCache(self.layout, [t.to(device) for t in self.tensors], self.positions)
 
-def empty(config: ModelConfig, layout: Sequence[TensorSpec], batch: int = 1,
-          device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """A fresh cache (position 0, empty window, no entries). The initial values (empty window
-    slots at position -1, empty compressor slots with score -inf) are the reference `Cache`'s."""
-    dtype = torch_dtype(layout[0].dtype)
-    if list(cache_layout(config, dtype)) != list(layout):
-        raise CacheError("empty: the layout is not cache_layout(config) of this config")
-    return Cache(config, batch, dtype=dtype, device=device).to_tensors()
+    # -- batching ---------------------------------------------------------------------------
+    @classmethod
+    def merge(cls, caches: Sequence["KVCache"]) -> "KVCache":
+        """Concatenate caches along the batch; entry dims are zero-padded to the largest capacity."""
+        if not caches:
+            raise CacheError("merge needs at least one cache")
+        layout = caches[0].layout
+        if any(c.layout != layout for c in caches):
+            raise CacheError("merge: the caches have different layouts")
+        if len(caches) == 1:
+            return caches[0]
+        out = []
+        for i, spec in enumerate(layout):
+            parts = [c.tensors[i] for c in caches]
+            for axis, dim in enumerate(spec.dims):
+                if dim in ENTRY_DIMS:
+                    size = max(p.shape[axis] for p in parts)
+                    parts = [_pad_axis(p, axis, size) for p in parts]
+            out.append(torch.cat(parts, _batch_axis(spec)))
+        return cls(layout, out, np.concatenate([c.positions for c in caches]))
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "KVCache":
+        """Keep the sequences `rows` (in that order), e.g. to drop finished ones from a batch."""
+        idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch):
+            raise CacheError(f"select: rows {idx.tolist()} out of range for a batch of {self.batch}")
+        dev_idx = idx.to(self.device)
+        tensors = [t.index_select(_batch_axis(s), dev_idx) for t, s in zip(self.tensors, self.layout)]
+        return KVCache(self.layout, tensors, self.positions[idx.numpy()])
+
+    # -- capacity ---------------------------------------------------------------------------
+    def ensure_capacity(self, config: ModelConfig, last_pos: int) -> bool:
+        """Grow the entry dims (amortized, zero-filled) so a step whose last token sits at
+        `last_pos` fits. Returns whether anything was reallocated."""
+        target = {}
+        for d, needed in entries_needed(config, last_pos).items():
+            have = self.sizes.get(d)
+            if have is not None and have < needed:
+                target[d] = grown_capacity(have, needed)
+        if not target:
+            return False
+        grown = []
+        for t, spec in zip(self.tensors, self.layout):
+            for axis, d in enumerate(spec.dims):
+                if d in target:
+                    t = _pad_axis(t, axis, target[d])
+            grown.append(t)
+        self.replace(grown)
+        return True
 
 
 def _pad_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
@@ -126,69 +186,25 @@ def _pad_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], axis)
 
 
-def _resize(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], sizes: Mapping[str, int]) -> list[torch.Tensor]:
-    """Zero-pad the dynamic dims named in `sizes` up to the given sizes (tensors without them are reused)."""
-    out = []
-    for t, spec in zip(cache, layout):
-        for axis, d in _dynamic_axes(spec):
-            if d in sizes:
-                t = _pad_axis(t, axis, sizes[d])
-        out.append(t)
-    return out
+def empty(config: ModelConfig, layout: Sequence[TensorSpec], batch: int = 1,
+          device: torch.device | str = "cpu") -> KVCache:
+    """A fresh cache (position 0, empty window, no entries). The initial values (empty window
+    slots at position -1, empty compressor slots with score -inf) are the reference `Cache`'s."""
+    dtype = torch_dtype(layout[0].dtype)
+    if list(cache_layout(config, dtype)) != list(layout):
+        raise CacheError("empty: the layout is not cache_layout(config) of this config")
+    tensors = Cache(config, batch, dtype=dtype, device=device).to_tensors()
+    # entry buffers start at MIN_CAPACITY, not 0: a zero-size buffer has no address to bind in place
+    tensors = [_grow_entries(t, spec, MIN_CAPACITY) for t, spec in zip(tensors, layout)]
+    return KVCache(layout, tensors, np.zeros(batch, np.int64))
 
 
-def merge(caches: Sequence[Sequence[torch.Tensor]], layout: Sequence[TensorSpec]) -> list[torch.Tensor]:
-    """Concatenate caches along the batch; entry dims are zero-padded to the largest capacity."""
-    if not caches:
-        raise CacheError("merge needs at least one cache")
-    for i, c in enumerate(caches):
-        validate(c, layout, what=f"merge: cache {i}")
-    return list(caches[0]) if len(caches) == 1 else merge_flat([list(c) for c in caches], list(layout))
+def _grow_entries(t: torch.Tensor, spec: TensorSpec, size: int) -> torch.Tensor:
+    for axis, d in enumerate(spec.dims):
+        if d in ENTRY_DIMS and t.shape[axis] < size:
+            t = _pad_axis(t, axis, size)
+    return t
 
 
-def select(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec],
-           rows: Sequence[int] | torch.Tensor) -> list[torch.Tensor]:
-    """Keep the sequences `rows` (in that order), e.g. to drop finished ones from a batch."""
-    b = batch_size(cache, layout)
-    idx = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= b):
-        raise CacheError(f"select: rows {idx.tolist()} out of range for a batch of {b}")
-    out = []
-    for t, spec in zip(cache, layout):
-        out.append(t.index_select(_batch_axis(spec), idx.to(t.device)))
-    return out
-
-
-def grown_capacity(current: int, needed: int, minimum: int = MIN_CAPACITY) -> int:
-    """Amortized growth: at least `needed`, at least +25%, at least `minimum`."""
-    return max(needed, current + (current + 3) // 4, minimum)
-
-
-def ensure_capacity(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], csa_needed: int = 0,
-                    hca_needed: int = 0) -> list[torch.Tensor]:
-    """Grow the CSA / HCA entry dims to hold at least `csa_needed` / `hca_needed` entries.
-
-    Growth is amortized (+25% at least, never below 16) and zero-filled; dims that already fit
-    are left alone, and tensors without grown dims are returned as they are (no copies)."""
-    sizes = validate(cache, layout)
-    target = {}
-    for d, needed in ((CSA_ENTRIES, csa_needed), (HCA_ENTRIES, hca_needed)):
-        if d in sizes and sizes[d] < needed:
-            target[d] = grown_capacity(sizes[d], needed)
-    return _resize(cache, layout, target) if target else list(cache)
-
-
-def ensure_capacity_for(cache: Sequence[torch.Tensor], layout: Sequence[TensorSpec], config: ModelConfig,
-                        max_pos: int) -> list[torch.Tensor]:
-    """Grow the entry dims so a step feeding the token at position `max_pos` fits."""
-    need = entries_needed(config, max_pos)
-    return ensure_capacity(cache, layout, need.get(CSA_ENTRIES, 0), need.get(HCA_ENTRIES, 0))
-
-
-def nbytes(cache: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in cache)
-
-
-__all__ = ["CacheError", "DTYPES", "ENTRY_DIMS", "POS", "batch_size", "capacities", "empty", "ensure_capacity",
-           "entries_needed", "grown_capacity", "merge", "nbytes", "positions", "select", "spec_index",
-           "torch_dtype", "validate"]
+__all__ = ["CSA_ENTRIES", "CacheError", "HCA_ENTRIES", "KVCache", "POS", "empty", "spec_index", "torch_dtype",
+           "validate"]

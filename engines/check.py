@@ -1,18 +1,17 @@
-"""`hatrt check`: compare an exported backend with the PyTorch reference, output by output.
+"""`hatrt check`: compare a backend with the PyTorch reference, output by output.
 
-The export directory's manifest says which model was exported (preset or checkpoint, dtype,
-quantization simulation) and how the graphs are wired. The check rebuilds the reference from that
-source and drives both sides through Polygraphy runners:
+Two `Backend`s (engines/backends.py) are driven through one adapter, `BackendRunner`, a Polygraphy
+runner over the backend interface: the backend under test (ONNX Runtime by default, on the export
+directory) and the reference (the torch backend, rebuilt from the manifest's source: preset or
+checkpoint, dtype, quantization simulation). Running the scenario and judging it are separate:
+`run_scenario` collects both sides' outputs step by step, the verdict uses Polygraphy's comparator
+and knows nothing of backends.
 
-- backend: Polygraphy's `OnnxrtRunner` (ONNX Runtime, CPU) on prefill.onnx and decode.onnx
-  (TensorRT runners slot in here later);
-- reference: `TorchGraphRunner`, a small `BaseRunner` around exporter/graph.py's PrefillGraph /
-  DecodeGraph (Polygraphy's own PytRunner needs CUDA torch).
-
-Scenario, per prompt (batch 1): prefill, then `steps` decode steps. Each side decodes from ITS OWN
-cache, so errors accumulate as in real use; the next token is the argmax of the REFERENCE logits,
-so both sides see the same token stream. Entry capacities are grown before each step
-(`cache_ops.ensure_capacity`), identically on both sides.
+Scenario, per prompt (batch 1): the prompt in prefill chunks of `chunk_size` tokens (logits at
+every position of every chunk), then `steps` decode steps. Each side runs from ITS OWN cache, so
+errors accumulate as in real use; the next token is the argmax of the REFERENCE logits, so both
+sides see the same token stream. Compared after every step: the logits, every cache tensor
+(`new_cache.*`) and, for per-layer exports, every layer's output streams.
 
 Verdict: `Comparator.compare_accuracy` with a `SimpleCompareFunc` (per-output tolerance dicts,
 element-wise). Float outputs are compared relative to their scale: both sides are divided by the
@@ -21,6 +20,11 @@ largest finite |reference| value of that output in that step before Polygraphy c
 `rtol` is the usual element-wise relative error. Integer outputs (positions) must match exactly.
 NaN never passes; matching infinities (empty compressor slots hold -inf) compare equal.
 
+Tolerance policy (`policy_for`): fp32 exports 1e-5 on every element of every output; fp16 1e-2 on
+95% of the logit elements, and quant-sim exports likewise on the logits (FP8/FP4 rounding and
+fp16 arithmetic flip discrete decisions at near-ties: MoE routing, indexer top-k, a value on a
+rounding edge), with cache and layer outputs reported as diagnostics.
+
 Reported besides the verdict: max abs / max rel (to max|ref|) error per output, cosine similarity,
 top-1 and top-5 set agreement of the logits, and in per-layer exports the first layer whose
 streams leave the tolerance (the first step at which any layer fails, then its lowest layer).
@@ -28,7 +32,6 @@ streams leave the tolerance (the first step at which any layer fails, then its l
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -42,25 +45,46 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MANIFEST = "manifest.json"
-INPUT_IDS, LOGITS = "input_ids", "logits"
-CACHE_IN, CACHE_OUT = "cache.", "new_cache."
-BACKEND_NAME, REFERENCE_NAME = "onnxruntime", "torch"
+from exporter.contract import CACHE_OUT, INPUT_IDS, LOGITS, LOGITS_INDEX, MANIFEST, layer_output_name
+
 DEFAULT_PROMPT_LENGTHS = (200, 300)  # cross the CSA block (4), the window (128) and HCA blocks (128)
 DEFAULT_STEPS = 32
+DEFAULT_CHUNK = 128  # the default prompts are fed in 2-3 prefill chunks, so chunking is checked too
 TOP_K = 5
-# (rtol, atol) per precision; atol is relative to max|ref| of the output in that step (see above).
-DEFAULT_TOLERANCES = {"float32": (1e-5, 1e-5), "float16": (1e-2, 1e-2)}
-# Which element errors must be within tolerance. fp32: every element. fp16: 95% of the elements of
-# an output over a phase (Polygraphy's "quantile" statistic): fp16 rounding flips discrete
-# decisions at near-ties (MoE routing, indexer top-k), which moves a few positions by a lot while
-# the rest agree to 1e-3. A corrupted weight moves everything and still fails.
-ERROR_QUANTILE = {"float32": None, "float16": 0.95}
-# At reduced precision one flipped routing/top-k decision legitimately changes a compressed entry
-# (it pools 4 or 128 tokens) and every later state: the verdict then rests on the logits (95% of
-# elements within tolerance, no NaN); cache and per-layer outputs are reported as diagnostics.
-VERDICT_GROUPS = {"float32": ("logits", "cache", "layers"), "float16": ("logits",)}
 GROUPS = ("logits", "cache", "layers")
+
+
+@dataclass(frozen=True)
+class TolerancePolicy:
+    """How an export is judged. atol is relative to max|ref| of the output in that step.
+
+    quantile: None = every element must be within tolerance; q = q of the elements of an output
+    over a phase (Polygraphy's "quantile" statistic). At reduced precision (fp16, or FP8/FP4
+    simulation) rounding flips discrete decisions at near-ties (MoE routing, indexer top-k, a value
+    on a rounding edge), which moves a few positions by a lot while the rest agree; a corrupted
+    weight moves everything and still fails. One flipped decision legitimately changes a compressed
+    entry (it pools 4 or 128 tokens) and every later state, so the verdict then rests on the
+    logits and the cache and layer outputs are reported as diagnostics."""
+
+    rtol: float
+    atol: float
+    quantile: float | None
+    verdict_groups: tuple[str, ...]
+    name: str
+
+
+POLICIES = {
+    "float32": TolerancePolicy(1e-5, 1e-5, None, GROUPS, "fp32: every element of every output"),
+    "float16": TolerancePolicy(1e-2, 1e-2, 0.95, ("logits",), "fp16: 95% of logit elements"),
+    "quant_sim": TolerancePolicy(1e-2, 1e-2, 0.95, ("logits",), "quant-sim: 95% of logit elements"),
+}
+DEFAULT_TOLERANCES = {k: (p.rtol, p.atol) for k, p in POLICIES.items()}
+
+
+def policy_for(dtype: str, quant_sim: bool) -> TolerancePolicy:
+    if quant_sim:
+        return POLICIES["quant_sim"]
+    return POLICIES[dtype]
 
 
 class CheckError(ValueError):
@@ -114,6 +138,9 @@ class CheckReport:
     atol: float
     outputs: dict[str, OutputStats]
     logits: LogitMetrics
+    quant_sim: bool = False
+    policy: str = ""
+    chunk_size: int = DEFAULT_CHUNK
     first_diverging_layer: str | None = None  # "layer 2 (CSA)"
     first_diverging_layer_index: int | None = None
     first_diverging_step: str | None = None  # where that layer first failed
@@ -143,7 +170,6 @@ def _json_floats(d: dict) -> dict:
 def _polygraphy():
     try:
         from polygraphy.backend.base import BaseRunner
-        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
         from polygraphy.common import TensorMetadata
         from polygraphy.comparator import Comparator, RunResults
         from polygraphy.comparator.struct import IterationResult
@@ -156,86 +182,67 @@ def _polygraphy():
         from polygraphy.comparator import CompareFunc
 
         simple_compare = CompareFunc.simple
-    return dict(BaseRunner=BaseRunner, OnnxrtRunner=OnnxrtRunner, SessionFromOnnx=SessionFromOnnx,
-                TensorMetadata=TensorMetadata, Comparator=Comparator, RunResults=RunResults,
+    return dict(BaseRunner=BaseRunner, TensorMetadata=TensorMetadata, Comparator=Comparator, RunResults=RunResults,
                 IterationResult=IterationResult, G_LOGGER=G_LOGGER, simple_compare=simple_compare)
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_runner_class():
+def _backend_runner_class():
     BaseRunner = _polygraphy()["BaseRunner"]
 
-    class TorchGraphRunner(BaseRunner):
-        """A Polygraphy runner around a torch module with flat tensor I/O (PrefillGraph /
-        DecodeGraph): numpy feed_dict in, OrderedDict of numpy outputs out, `inference_time` set."""
+    class BackendRunner(BaseRunner):
+        """A Polygraphy runner over any `Backend`: each `infer` is one step on the runner's own
+        cache (`reset` starts a sequence). feed_dict: input_ids [B, S], logits_index [n] (numpy);
+        outputs: logits, every cache tensor (new_cache.<name>) and, when `layers`, the layer streams."""
 
-        def __init__(self, module: torch.nn.Module, inputs: Sequence[dict], outputs: Sequence[str],
-                     name: str | None = None):
-            super().__init__(name=name, prefix="torch-runner")
-            self.module, self.inputs, self.outputs = module.eval(), list(inputs), list(outputs)
+        def __init__(self, backend, layers: bool = False, name: str | None = None):
+            super().__init__(name=name or backend.name, prefix="hatrt-runner")
+            self.backend, self.layers = backend, layers
+            self.cache = None
+            self.output_names = [LOGITS] + [CACHE_OUT + s.name for s in backend.layout] + (
+                [layer_output_name(i) for i in range(backend.config.num_layers)] if layers else [])
+
+        def reset(self, batch: int = 1) -> None:
+            self.cache = self.backend.new_cache(batch)
 
         def get_input_metadata_impl(self):
             meta = _polygraphy()["TensorMetadata"]()
-            for spec in self.inputs:
-                meta.add(spec["name"], np.dtype(spec["dtype"]),
-                         [d if isinstance(d, int) else None for d in spec["dims"]])
+            meta.add(INPUT_IDS, np.dtype(np.int64), [None, None])
+            meta.add(LOGITS_INDEX, np.dtype(np.int64), [None])
             return meta
 
         def infer_impl(self, feed_dict):
-            # copies: the reference updates its cache in place, the caller keeps its arrays
-            args = [torch.from_numpy(np.array(feed_dict[s["name"]], copy=True)) for s in self.inputs]
+            if self.cache is None:
+                self.reset(np.asarray(feed_dict[INPUT_IDS]).shape[0])
+            ids = torch.from_numpy(np.asarray(feed_dict[INPUT_IDS], dtype=np.int64))
+            idx = torch.from_numpy(np.asarray(feed_dict[LOGITS_INDEX], dtype=np.int64))
+            layers: list[torch.Tensor] | None = [] if self.layers else None
             start = time.perf_counter()
-            with torch.no_grad():
-                out = self.module(*args)
+            logits = self.backend.step(ids, self.cache, logits_index=idx, layer_outputs=layers)
+            if self.cache.device.type == "cuda":
+                torch.cuda.synchronize()
             self.inference_time = time.perf_counter() - start
-            if len(out) != len(self.outputs):
-                raise CheckError(f"{self.name}: the reference returned {len(out)} outputs, the manifest "
-                                 f"lists {len(self.outputs)}")
-            return OrderedDict((n, t.detach().cpu().numpy()) for n, t in zip(self.outputs, out))
+            out = OrderedDict([(LOGITS, logits)])
+            out.update((CACHE_OUT + s.name, t) for s, t in zip(self.backend.layout, self.cache.tensors))
+            if layers is not None:
+                if len(layers) != self.backend.config.num_layers:
+                    raise CheckError(f"{self.name}: the backend gave {len(layers)} layer outputs for "
+                                     f"{self.backend.config.num_layers} layers")
+                out.update((layer_output_name(i), t) for i, t in enumerate(layers))
+            # copies: the backend reuses its buffers on the next step
+            return OrderedDict((n, t.detach().float().cpu().numpy().copy() if t.dtype in (torch.float16, torch.bfloat16)
+                                else t.detach().cpu().numpy().copy()) for n, t in out.items())
 
-    return TorchGraphRunner
+    return BackendRunner
 
 
-def __getattr__(name: str):  # TorchGraphRunner, importable once polygraphy is there
-    if name == "TorchGraphRunner":
-        return _torch_runner_class()
+def __getattr__(name: str):  # BackendRunner, importable once polygraphy is there
+    if name == "BackendRunner":
+        return _backend_runner_class()
     raise AttributeError(name)
 
 
 # ============================================================================ setup
-def _read_manifest(artifact_dir: Path) -> dict:
-    from exporter.export import ExportError, read_manifest
-
-    try:
-        manifest = read_manifest(artifact_dir)
-    except ExportError as e:
-        raise CheckError(str(e)) from None
-    if "source" not in manifest:
-        raise CheckError(f"{artifact_dir / MANIFEST}: missing key 'source'")
-    return manifest
-
-
-def _reference_model(manifest: dict, where: Path):
-    from exporter.checkpoint import CheckpointError, load_model
-    from exporter.export import DTYPES
-
-    source = manifest["source"]
-    kind, value = source.get("kind"), source.get("value")
-    if kind not in ("preset", "checkpoint") or not value:
-        raise CheckError(f"{where}: source {source!r} cannot be rebuilt (exported from an in-memory module); "
-                         "pass the reference model to check(..., reference=model)")
-    try:
-        return load_model(value, dtype=DTYPES[manifest["dtype"]], quant_sim=bool(manifest.get("quant_sim", False)))
-    except CheckpointError as e:
-        raise CheckError(f"{where}: cannot load the reference ({kind} {value!r}): {e}") from None
-
-
-def _layout(manifest: dict):
-    from exporter.cache import TensorSpec
-
-    return [TensorSpec(s["name"], tuple(s["dims"]), s["dtype"]) for s in manifest["cache_layout"]]
-
-
 def _prompts(prompts, seed: int, vocab: int) -> list[list[int]]:
     if prompts is None:
         g = torch.Generator().manual_seed(seed)
@@ -254,32 +261,6 @@ def _prompts(prompts, seed: int, vocab: int) -> list[list[int]]:
     return out
 
 
-def _ensure_capacity(cache: list[np.ndarray], layout, config, pos: int) -> list[np.ndarray]:
-    """Entry capacities >= the complete blocks after feeding the token at `pos`."""
-    try:
-        from engines import cache_ops
-    except ImportError:  # the helper module is absent: grow locally (exactly what is needed)
-        cache_ops = None
-    if cache_ops is not None:
-        need = cache_ops.entries_needed(config, pos)
-        grown = cache_ops.ensure_capacity([torch.from_numpy(np.ascontiguousarray(a)) for a in cache], layout,
-                                          need.get("csa_entries", 0), need.get("hca_entries", 0))
-        return [t.numpy() for t in grown]
-    from exporter.cache import CSA_ENTRIES, HCA_ENTRIES
-    from exporter.config import CSA, HCA
-
-    need = {CSA_ENTRIES: (pos + 1) // CSA, HCA_ENTRIES: (pos + 1) // HCA}
-    out = []
-    for a, spec in zip(cache, layout):
-        for axis, d in enumerate(spec.dims):
-            if d in need and a.shape[axis] < need[d]:
-                pad = [(0, 0)] * a.ndim
-                pad[axis] = (0, need[d] - a.shape[axis])
-                a = np.pad(a, pad)
-        out.append(a)
-    return out
-
-
 # ============================================================================ comparison
 def _group(name: str) -> str:
     if name == LOGITS:
@@ -295,11 +276,10 @@ def _scale(ref: np.ndarray) -> float:
     return s if s > 0 else 1.0
 
 
-def _tolerances(names: Sequence[str], dtypes: dict[str, str], rtol: float, atol: float):
+def _tolerances(names: Sequence[str], integer: set[str], rtol: float, atol: float):
     rt, at = {}, {}
     for n in names:
-        exact = np.issubdtype(np.dtype(dtypes[n]), np.integer)
-        rt[n], at[n] = (0.0, 0.0) if exact else (rtol, atol)
+        rt[n], at[n] = (0.0, 0.0) if n in integer else (rtol, atol)
     return rt, at
 
 
@@ -365,88 +345,197 @@ def _accuracy_result(results):
     return results
 
 
+# ============================================================================ scenario
+@dataclass
+class StepRecord:
+    """Both sides' outputs of one step of the scenario."""
+
+    phase: str  # prefill | decode
+    label: str
+    backend: OrderedDict
+    reference: OrderedDict
+    backend_seconds: float
+    reference_seconds: float
+
+
+def run_scenario(backend_runner, reference_runner, prompts: Sequence[Sequence[int]], steps: int, chunk_size: int,
+                 log: Callable[[str], None]) -> list[StepRecord]:
+    """Prefill each prompt in chunks, then `steps` greedy decode steps (tokens from the reference),
+    each runner on its own cache. Returns every step's outputs; judges nothing."""
+    records = []
+
+    def both(phase: str, label: str, feed: OrderedDict) -> StepRecord:
+        out_b = backend_runner.infer(feed)
+        out_r = reference_runner.infer(feed)
+        rec = StepRecord(phase, label, out_b, out_r, backend_runner.last_inference_time() or 0.0,
+                         reference_runner.last_inference_time() or 0.0)
+        records.append(rec)
+        return rec
+
+    for p, ids in enumerate(prompts):
+        backend_runner.reset(1)
+        reference_runner.reset(1)
+        log(f"prompt {p}: prefill {len(ids)} tokens in chunks of {chunk_size}")
+        for start in range(0, len(ids), chunk_size):
+            part = ids[start:start + chunk_size]
+            feed = OrderedDict([(INPUT_IDS, np.asarray([part], dtype=np.int64)),
+                                (LOGITS_INDEX, np.arange(len(part), dtype=np.int64))])
+            rec = both("prefill", f"prompt {p} prefill tokens {start}..{start + len(part) - 1}", feed)
+        token = int(np.asarray(rec.reference[LOGITS])[0, -1].argmax())
+        pos = len(ids)
+        for step in range(steps):
+            feed = OrderedDict([(INPUT_IDS, np.asarray([[token]], dtype=np.int64)),
+                                (LOGITS_INDEX, np.zeros(1, dtype=np.int64))])
+            rec = both("decode", f"prompt {p} decode step {step} (position {pos})", feed)
+            token = int(np.asarray(rec.reference[LOGITS])[0, -1].argmax())
+            pos += 1
+            if (step + 1) % 8 == 0 or step + 1 == steps:
+                log(f"prompt {p}: decode step {step + 1}/{steps}")
+    return records
+
+
 # ============================================================================ check
 def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompts: Sequence[Sequence[int]] | None = None,
-          seed: int = 0, rtol: float | None = None, atol: float | None = None,
-          progress: Callable[[str], None] | None = None, reference=None) -> CheckReport:
-    """Run the export in `artifact_dir` (ONNX Runtime) against the PyTorch reference.
+          seed: int = 0, rtol: float | None = None, atol: float | None = None, chunk_size: int = DEFAULT_CHUNK,
+          backend: str = "onnxruntime", progress: Callable[[str], None] | None = None, reference=None) -> CheckReport:
+    """Run the export in `artifact_dir` on `backend` against the PyTorch reference.
 
     prompts: token-id lists (default: random prompts of 200 and 300 tokens drawn with `seed`).
-    steps: decode steps after each prompt. rtol / atol: override the precision's defaults
-    (fp32 1e-5, fp16 1e-2) for every float output; atol is relative to max|ref| per step.
+    steps: decode steps after each prompt; chunk_size: prefill chunk. rtol / atol: override the
+    policy's tolerances for every float output; atol is relative to max|ref| per step.
     reference: a Transformer to use instead of rebuilding the manifest's source.
     Raises CheckError for usage problems; a numerical mismatch is `report.passed == False`."""
+    from exporter.cache import cache_layout
+    from exporter.config import CSA, HCA, WINDOW
+
+    from .backends import BackendError, TorchBackend, export_source, load_backend, read_manifest
+
     t_start = time.perf_counter()
     log = progress or (lambda msg: None)
     if steps < 0:
         raise CheckError(f"steps must be >= 0, got {steps}")
+    if chunk_size < 1:
+        raise CheckError(f"chunk_size must be >= 1, got {chunk_size}")
     artifact_dir = Path(artifact_dir)
-    manifest = _read_manifest(artifact_dir)
     where = artifact_dir / MANIFEST
-    pg = _polygraphy()
-    dtype = manifest["dtype"]
-    d_rtol, d_atol = DEFAULT_TOLERANCES[dtype]
-    rtol = d_rtol if rtol is None else float(rtol)
-    atol = d_atol if atol is None else float(atol)
+    try:
+        manifest = read_manifest(artifact_dir, verify="none")
+    except BackendError as e:
+        raise CheckError(str(e)) from None
+    dtype, quant_sim = manifest["dtype"], bool(manifest.get("quant_sim", False))
+    policy = policy_for(dtype, quant_sim)
+    rtol = policy.rtol if rtol is None else float(rtol)
+    atol = policy.atol if atol is None else float(atol)
     if rtol < 0 or atol < 0:
         raise CheckError(f"tolerances must be >= 0 (rtol={rtol}, atol={atol})")
+    config_vocab = manifest["config"].get("vocab_size", 0)
+    prompt_ids = _prompts(prompts, seed, int(config_vocab))
+    max_pos = int(manifest["config"].get("max_position_embeddings", 0))
+    longest = max(len(p) for p in prompt_ids) + steps
+    if max_pos and longest > max_pos:
+        raise CheckError(f"the longest prompt ({max(len(p) for p in prompt_ids)} tokens) + --steps {steps} = {longest} "
+                         f"positions exceed max_position_embeddings={max_pos} of {where}")
 
-    from exporter.config import CSA, HCA, WINDOW
-    from exporter.graph import DecodeGraph, PrefillGraph
-
-    if reference is None:
-        log(f"loading the reference ({manifest['source']['kind']} {manifest['source']['value']}, {dtype})")
-        model = _reference_model(manifest, where)
-    else:
-        model = reference.eval()
-    config = model.config
+    pg = _polygraphy()
+    try:
+        log(f"loading the export in {backend}")
+        backend_under_test = load_backend(artifact_dir, backend)
+        if reference is None:
+            log(f"loading the reference ({manifest['source']['kind']} {manifest['source']['value']}, {dtype}"
+                f"{', quant-sim' if quant_sim else ''})")
+            ref_backend = load_backend(artifact_dir, "torch")
+        else:
+            ref_backend = TorchBackend(reference.eval())
+    except BackendError as e:
+        raise CheckError(str(e)) from None
+    reference_name = (f"torch ({manifest['source'].get('kind')} {manifest['source'].get('value')})"
+                      if reference is None else "torch (given module)")
+    config = ref_backend.config
     if json.loads(json.dumps(config.to_hf_dict())) != manifest["config"]:
         raise CheckError(f"{where}: the reference model's config differs from the exported one")
-    per_layer = bool(manifest.get("per_layer", False))
-    layout = _layout(manifest)
-    from exporter.cache import cache_layout
-
-    if list(cache_layout(config, model.dtype)) != layout:
-        raise CheckError(f"{where}: the reference's cache layout ({str(model.dtype).removeprefix('torch.')}) "
+    if list(cache_layout(config, ref_backend.model.dtype)) != backend_under_test.layout:
+        raise CheckError(f"{where}: the reference's cache layout ({str(ref_backend.model.dtype).removeprefix('torch.')}) "
                          f"differs from the exported one ({dtype})")
-    prompt_ids = _prompts(prompts, seed, config.vocab_size)
+    if reference is None and manifest["source"].get("kind") == "checkpoint":
+        export_source(manifest, where)  # named, loadable: checked by load_backend above
+    per_layer = bool(manifest.get("per_layer", False))
     kinds = [{WINDOW: "window", CSA: "CSA", HCA: "HCA"}.get(r, f"ratio {r}") for r in config.compress_ratios]
 
-    graphs = manifest["graphs"]
-    out_names = [o["name"] for o in graphs["decode"]["outputs"]]
-    prefill_out = [o["name"] for o in graphs["prefill"]["outputs"]]
-    if prefill_out != out_names:
-        raise CheckError(f"{where}: prefill and decode graphs have different outputs")
-    dtypes = {o["name"]: o["dtype"] for o in graphs["decode"]["outputs"]}
-    torch_graphs = {"prefill": PrefillGraph(model, per_layer=per_layer), "decode": DecodeGraph(model, per_layer=per_layer)}
-    for g, module in torch_graphs.items():
-        want = [i["name"] for i in graphs[g]["inputs"]], [o["name"] for o in graphs[g]["outputs"]]
-        if (module.input_names(), module.output_names()) != want:
-            raise CheckError(f"{where}: the {g} graph's inputs/outputs differ from the reference graph's "
-                             "(exported by another hatrt version?)")
-
-    TorchGraphRunner = _torch_runner_class()
+    BackendRunner = _backend_runner_class()
     G = pg["G_LOGGER"]
-    rt, at = _tolerances(out_names, dtypes, rtol, atol)
+    with G.verbosity(G.CRITICAL):
+        runner_b = BackendRunner(backend_under_test, layers=per_layer, name=backend_under_test.name)
+        runner_r = BackendRunner(ref_backend, layers=per_layer, name="torch-reference")
+        with runner_b, runner_r:
+            records = run_scenario(runner_b, runner_r, prompt_ids, steps, chunk_size, log)
+    out_names = runner_b.output_names
+    log(f"comparing {len(records)} steps x {len(out_names)} outputs (Polygraphy)")
+    integer = {n for n in out_names if not np.issubdtype(records[0].reference[n].dtype, np.floating)}
+    stats, logit_metrics, accuracy_ok, step_failures, phase_names = _judge(records, out_names, integer, policy,
+                                                                            rtol, atol, pg, backend_under_test.name)
+    # The comparator's verdict per output (over all steps of a phase) ...
+    for n, ok in accuracy_ok.items():
+        if not ok:
+            stats[n].passed = stats[n].comparator_passed = False
+    # ... and the same rule step by step says where it first failed.
+    first_failure = first_layer = first_layer_step = None
+    layer_names = [layer_output_name(i) for i in range(config.num_layers)] if per_layer else []
+    step_verdicts = policy.quantile is None  # reduced precision: the phase quantile decides
+    for rec, failing in zip(records, step_failures):
+        for n in out_names:
+            if n in failing:
+                st = stats[n]
+                st.passed = st.passed and not step_verdicts
+                st.failed_steps += 1
+                st.first_failure = st.first_failure or rec.label
+                first_failure = first_failure or f"{n} at {rec.label}"
+        if first_layer is None:
+            bad_layers = [i for i, n in enumerate(layer_names) if n in failing]
+            if bad_layers:
+                first_layer, first_layer_step = bad_layers[0], rec.label
+    for st in stats.values():
+        if st.group not in policy.verdict_groups:
+            st.diagnostic, st.passed = True, True
+        if st.nan or st.shape_mismatch:  # NaN never passes, whatever the tolerances
+            st.passed = False
+            st.first_failure = st.first_failure or "(NaN or shape mismatch)"
+        if not st.passed and st.failed_steps == 0:  # the comparator failed it, the step rule did not
+            st.first_failure = st.first_failure or "(Polygraphy comparator)"
+            first_failure = first_failure or f"{st.name} (Polygraphy comparator)"
+
+    failed = [n for n, st in stats.items() if not st.passed]
+    report = CheckReport(
+        passed=not failed, artifact_dir=str(artifact_dir), model=config.name, dtype=dtype,
+        backend=backend_under_test.name, reference=reference_name, per_layer=per_layer, steps=steps,
+        prompt_lengths=[len(p) for p in prompt_ids], seed=seed if prompts is None else None, rtol=rtol, atol=atol,
+        outputs=stats, logits=logit_metrics, quant_sim=quant_sim, policy=policy.name, chunk_size=chunk_size,
+        first_diverging_layer=None if first_layer is None else f"layer {first_layer} ({kinds[first_layer]})",
+        first_diverging_layer_index=first_layer, first_diverging_step=first_layer_step,
+        first_failure=first_failure, failed_outputs=failed, layer_kinds=kinds,
+        seconds=time.perf_counter() - t_start, backend_seconds=sum(r.backend_seconds for r in records),
+        reference_seconds=sum(r.reference_seconds for r in records))
+    log(f"check {'passed' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
+    return report
+
+
+def _judge(records: list[StepRecord], out_names: list[str], integer: set[str], policy: TolerancePolicy, rtol: float,
+           atol: float, pg: dict, backend_name: str):
+    """Per-output statistics, per-step failures and Polygraphy's verdict per output; no backend knowledge."""
+    rt, at = _tolerances(out_names, integer, rtol, atol)
     stats = {n: OutputStats(n, _group(n), rtol=rt[n], atol=at[n]) for n in out_names}
     logit_metrics = LogitMetrics()
-    labels: list[str] = []  # every step, in scenario order
-    step_failures: list[set[str]] = []  # outputs outside tolerance, per step
+    step_failures: list[set[str]] = []
     # Polygraphy compares one iteration per phase: each output's scaled steps flattened end to end
     # (the comparator costs ~20 ms per output and iteration, whatever the size).
     buckets = {ph: (OrderedDict((n, []) for n in out_names), OrderedDict((n, []) for n in out_names))
                for ph in ("prefill", "decode")}
     phase_time = {ph: [0.0, 0.0] for ph in buckets}
-    times = {"backend": 0.0, "reference": 0.0}
-
-    def record(phase: str, label: str, out_b: OrderedDict, out_r: OrderedDict, rt_b: float, rt_r: float) -> None:
-        """Raw error stats and the step's verdict per output; floats scaled by max|ref| for the comparator."""
-        labels.append(label)
+    for rec in records:
         failing = set()
-        phase_time[phase][0] += rt_b
-        phase_time[phase][1] += rt_r
+        phase_time[rec.phase][0] += rec.backend_seconds
+        phase_time[rec.phase][1] += rec.reference_seconds
         for n in out_names:
-            a, b = np.asarray(out_b[n]), np.asarray(out_r[n])
+            a, b = np.asarray(rec.backend[n]), np.asarray(rec.reference[n])
             st = stats[n]
             m_abs, m_rel, bad = _diff_stats(a, b)
             st.steps += 1
@@ -460,124 +549,36 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
             if np.issubdtype(a.dtype, np.floating):
                 k = np.float32(_scale(b.astype(np.float64)))
                 a, b = a.astype(np.float32) / k, b.astype(np.float32) / k
-            if _step_fails(a, b, st.rtol, st.atol, ERROR_QUANTILE[dtype]):
+            if _step_fails(a, b, st.rtol, st.atol, policy.quantile):
                 failing.add(n)
-            buckets[phase][0][n].append(a.reshape(-1))
-            buckets[phase][1][n].append(b.reshape(-1))
+            buckets[rec.phase][0][n].append(a.reshape(-1))
+            buckets[rec.phase][1][n].append(b.reshape(-1))
         step_failures.append(failing)
-        if out_b[LOGITS].shape == out_r[LOGITS].shape:
-            _logit_metrics(np.asarray(out_b[LOGITS]), np.asarray(out_r[LOGITS]), logit_metrics)
+        if rec.backend[LOGITS].shape == rec.reference[LOGITS].shape:
+            _logit_metrics(np.asarray(rec.backend[LOGITS]), np.asarray(rec.reference[LOGITS]), logit_metrics)
 
-    def run_both(graph: str, runners: dict, feed_b: dict, feed_r: dict):
-        rb, rr = runners[graph]
-        out_b = rb.infer(feed_b)
-        out_b = OrderedDict((n, np.array(out_b[n], copy=True)) for n in out_names)  # runners may reuse buffers
-        out_r = rr.infer(feed_r)
-        times["backend"] += rb.last_inference_time() or 0.0
-        times["reference"] += rr.last_inference_time() or 0.0
-        return out_b, out_r, rb.last_inference_time() or 0.0, rr.last_inference_time() or 0.0
-
-    with G.verbosity(G.CRITICAL), contextlib.ExitStack() as stack:
-        runners = {}
-        for g in ("prefill", "decode"):
-            path = artifact_dir / graphs[g]["file"]
-            log(f"loading {path.name} in ONNX Runtime")
-            try:
-                rb = stack.enter_context(pg["OnnxrtRunner"](pg["SessionFromOnnx"](str(path)), name=f"{BACKEND_NAME}-{g}"))
-            except Exception as e:  # a broken file: usage error naming it
-                raise CheckError(f"{path}: ONNX Runtime cannot load it: {e}") from None
-            rr = stack.enter_context(TorchGraphRunner(torch_graphs[g], graphs[g]["inputs"], out_names,
-                                                      name=f"{REFERENCE_NAME}-{g}"))
-            runners[g] = (rb, rr)
-
-        for p, ids in enumerate(prompt_ids):
-            log(f"prompt {p}: prefill {len(ids)} tokens")
-            feed = OrderedDict([(INPUT_IDS, np.asarray([ids], dtype=np.int64))])
-            out_b, out_r, tb, tr = run_both("prefill", runners, feed, feed)
-            record("prefill", f"prompt {p} prefill ({len(ids)} tokens)", out_b, out_r, tb, tr)
-            cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
-            cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
-            token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
-            pos = len(ids)
-            for step in range(steps):
-                cache_b = _ensure_capacity(cache_b, layout, config, pos)
-                cache_r = _ensure_capacity(cache_r, layout, config, pos)
-                ids_in = np.asarray([[token]], dtype=np.int64)
-                feed_b = OrderedDict([(INPUT_IDS, ids_in)] + [(CACHE_IN + s.name, np.ascontiguousarray(t))
-                                                                for s, t in zip(layout, cache_b)])
-                feed_r = OrderedDict([(INPUT_IDS, ids_in)] + [(CACHE_IN + s.name, np.ascontiguousarray(t))
-                                                                for s, t in zip(layout, cache_r)])
-                out_b, out_r, tb, tr = run_both("decode", runners, feed_b, feed_r)
-                record("decode", f"prompt {p} decode step {step} (position {pos})", out_b, out_r, tb, tr)
-                cache_b = [out_b[CACHE_OUT + s.name] for s in layout]
-                cache_r = [out_r[CACHE_OUT + s.name] for s in layout]
-                token = int(np.asarray(out_r[LOGITS])[0, -1].argmax())
-                pos += 1
-                if (step + 1) % 8 == 0 or step + 1 == steps:
-                    log(f"prompt {p}: decode step {step + 1}/{steps}")
-
-        log(f"comparing {len(labels)} steps x {len(out_names)} outputs (Polygraphy)")
-        run_results = pg["RunResults"]()
-        phases = [ph for ph in buckets if any(buckets[ph][1][n] for n in out_names)]
-        for side, runner_name in ((0, BACKEND_NAME), (1, REFERENCE_NAME)):
-            iters = []
-            for ph in phases:
-                arrays = OrderedDict((n, np.concatenate(parts)) for n, parts in buckets[ph][side].items() if parts)
-                iters.append(pg["IterationResult"](arrays, runtime=phase_time[ph][side], runner_name=runner_name))
-            run_results.append((runner_name, iters))
-        quantile = ERROR_QUANTILE[dtype]
-        compare = pg["simple_compare"](rtol=rt, atol=at, infinities_compare_equal=True,
-                                       **({"check_error_stat": "elemwise"} if quantile is None else
-                                          {"check_error_stat": "quantile", "error_quantile": quantile}))
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # statistics of empty entry buffers
-            accuracy = _accuracy_result(pg["Comparator"].compare_accuracy(run_results, compare_func=compare))
-    verdicts = accuracy[(BACKEND_NAME, REFERENCE_NAME)]
-
-    # The comparator's verdict per output (over all steps of a phase) ...
-    for ph, outcome in zip(phases, verdicts):
+    run_results = pg["RunResults"]()
+    phases = [ph for ph in buckets if any(buckets[ph][1][n] for n in out_names)]
+    for side, runner_name in ((0, backend_name), (1, "reference")):
+        iters = []
+        for ph in phases:
+            arrays = OrderedDict((n, np.concatenate(parts)) for n, parts in buckets[ph][side].items() if parts)
+            iters.append(pg["IterationResult"](arrays, runtime=phase_time[ph][side], runner_name=runner_name))
+        run_results.append((runner_name, iters))
+    compare = pg["simple_compare"](rtol=rt, atol=at, infinities_compare_equal=True,
+                                   **({"check_error_stat": "elemwise"} if policy.quantile is None else
+                                      {"check_error_stat": "quantile", "error_quantile": policy.quantile}))
+    G = pg["G_LOGGER"]
+    with np.errstate(all="ignore"), warnings.catch_warnings(), G.verbosity(G.CRITICAL):
+        warnings.simplefilter("ignore", RuntimeWarning)  # statistics of empty entry buffers
+        accuracy = _accuracy_result(pg["Comparator"].compare_accuracy(run_results, compare_func=compare))
+    verdicts = accuracy[(backend_name, "reference")]
+    ok = {n: True for n in out_names}
+    for outcome in verdicts:
         for n in out_names:
             if n in outcome and not bool(outcome[n]):
-                stats[n].passed = stats[n].comparator_passed = False
-    # ... and the same rule step by step says where it first failed.
-    first_failure = first_layer = first_layer_step = None
-    layer_names = [f"layer{i}.streams" for i in range(config.num_layers)] if per_layer else []
-    step_verdicts = ERROR_QUANTILE[dtype] is None  # reduced precision: the phase quantile decides
-    for label, failing in zip(labels, step_failures):
-        for n in out_names:
-            if n in failing:
-                st = stats[n]
-                st.passed = st.passed and not step_verdicts
-                st.failed_steps += 1
-                st.first_failure = st.first_failure or label
-                first_failure = first_failure or f"{n} at {label}"
-        if first_layer is None:
-            bad_layers = [i for i, n in enumerate(layer_names) if n in failing]
-            if bad_layers:
-                first_layer, first_layer_step = bad_layers[0], label
-    for st in stats.values():
-        if st.group not in VERDICT_GROUPS[dtype]:
-            st.diagnostic, st.passed = True, True
-        if st.nan or st.shape_mismatch:  # NaN never passes, whatever the tolerances
-            st.passed = False
-            st.first_failure = st.first_failure or "(NaN or shape mismatch)"
-        if not st.passed and st.failed_steps == 0:  # the comparator failed it, the step rule did not
-            st.first_failure = st.first_failure or "(Polygraphy comparator)"
-            first_failure = first_failure or f"{st.name} (Polygraphy comparator)"
-
-    failed = [n for n, st in stats.items() if not st.passed]
-    report = CheckReport(
-        passed=not failed, artifact_dir=str(artifact_dir), model=config.name, dtype=dtype, backend=BACKEND_NAME,
-        reference=f"torch ({manifest['source'].get('kind')} {manifest['source'].get('value')})"
-        if reference is None else "torch (given module)",
-        per_layer=per_layer, steps=steps, prompt_lengths=[len(p) for p in prompt_ids],
-        seed=seed if prompts is None else None, rtol=rtol, atol=atol, outputs=stats, logits=logit_metrics,
-        first_diverging_layer=None if first_layer is None else f"layer {first_layer} ({kinds[first_layer]})",
-        first_diverging_layer_index=first_layer, first_diverging_step=first_layer_step,
-        first_failure=first_failure, failed_outputs=failed, layer_kinds=kinds,
-        seconds=time.perf_counter() - t_start, backend_seconds=times["backend"], reference_seconds=times["reference"])
-    log(f"check {'passed' if report.passed else 'FAILED'} in {report.seconds:.1f} s")
-    return report
+                ok[n] = False
+    return stats, logit_metrics, ok, step_failures, phases
 
 
 # ============================================================================ text
@@ -590,9 +591,10 @@ def format_report(report: CheckReport) -> str:
     lines = [
         f"hatrt check: {report.backend} vs {report.reference}",
         f"  export {report.artifact_dir} ({report.model}, {report.dtype}{', per-layer' if report.per_layer else ''})",
-        f"  prompts of {', '.join(map(str, report.prompt_lengths))} tokens, {report.steps} decode steps each"
-        + (f", seed {report.seed}" if report.seed is not None else ""),
-        f"  tolerance: rtol {report.rtol:g}, atol {report.atol:g} x max|ref| per step (integers exact)",
+        f"  prompts of {', '.join(map(str, report.prompt_lengths))} tokens in prefill chunks of {report.chunk_size}, "
+        f"{report.steps} decode steps each" + (f", seed {report.seed}" if report.seed is not None else ""),
+        f"  tolerance: rtol {report.rtol:g}, atol {report.atol:g} x max|ref| per step (integers exact); "
+        f"policy {report.policy}",
         "",
     ]
     width = max([len(n) for n in report.outputs] + [20])
@@ -637,5 +639,6 @@ def write_json(report: CheckReport, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
 
-__all__ = ["CheckError", "CheckReport", "LogitMetrics", "OutputStats", "check", "format_report", "write_json",
-           "DEFAULT_TOLERANCES"]  # TorchGraphRunner too, resolved lazily (it subclasses a Polygraphy class)
+__all__ = ["CheckError", "CheckReport", "DEFAULT_TOLERANCES", "LogitMetrics", "OutputStats", "POLICIES", "StepRecord",
+           "TolerancePolicy", "check", "format_report", "policy_for", "run_scenario", "write_json"]
+# BackendRunner too, resolved lazily (it subclasses a Polygraphy class)

@@ -1,10 +1,10 @@
 """One generate loop for every backend (engines/backends.py).
 
-Each prompt is prefilled alone (batch 1: prompts of different lengths need no padding), the
-caches are merged (cache_ops.merge) and then decoded together, one token per sequence per step,
-every row at its own position. Before each step the entry capacities grow to what the step needs
-(cache_ops.ensure_capacity); a row that ends (a stop token, or max_new_tokens) leaves the batch
-(cache_ops.select).
+Each prompt is prefilled alone in chunks (batch 1: prompts of different lengths need no padding;
+`Backend.prefill`), the caches are merged (KVCache.merge) and then decoded together, one token per
+sequence per step, every row at its own position. A row that ends (a stop token, or
+max_new_tokens) leaves the batch (KVCache.select). Stop tokens default to the model's EOS
+(config.json / generation_config.json) when the caller passes none.
 
 Sampling: greedy (argmax, lowest id on ties) when temperature == 0; otherwise logits / temperature,
 then top-k, then top-p (nucleus: the smallest set of most likely tokens whose probability reaches
@@ -18,15 +18,15 @@ a seeded run is reproducible and a row's draws do not depend on when other rows 
 
 from __future__ import annotations
 
+import numbers
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-
-from . import cache_ops
 from .backends import Backend
+from .cache_ops import KVCache
 
 STOP, LENGTH = "stop", "length"
 
@@ -101,7 +101,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generators: Sequence[to
 
 def _check_prompts(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
     config = backend.config
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(prompts, (str, bytes)) or not len(prompts):
         raise ValueError("prompts must be a non-empty list of token id lists")
@@ -109,36 +109,45 @@ def _check_prompts(backend: Backend, prompts: Sequence[Sequence[int]], max_new_t
     for r, prompt in enumerate(prompts):
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
+        elif hasattr(prompt, "tolist"):  # numpy arrays
+            prompt = prompt.reshape(-1).tolist()
         ids = list(prompt)
         if not ids:
             raise ValueError(f"prompt {r} is empty (prefill needs at least one token)")
         for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < config.vocab_size:
+            # numbers.Integral: Python and numpy integers alike
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < config.vocab_size:
                 raise ValueError(f"prompt {r}: token {i} is {t!r}; ids must be integers in [0, {config.vocab_size})")
         last = len(ids) + max_new_tokens - 1  # positions fed: 0 .. len + max_new_tokens - 2
         if last > config.max_position_embeddings:
             raise ValueError(f"prompt {r}: {len(ids)} tokens + max_new_tokens={max_new_tokens} exceed "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        out.append(ids)
+        out.append([int(t) for t in ids])
     return out
 
 
+def default_stop_tokens(backend: Backend) -> list[int]:
+    """The model's EOS token ids (config.json / generation_config.json), if it names any."""
+    return list(backend.config.eos_token_id or ())
+
+
 def stream(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None) -> Iterator[TokenEvent]:
+           top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] | None = None, seed: int | None = None,
+           prefill_chunk: int | None = None) -> Iterator[TokenEvent]:
     """Generate, yielding each token as it is produced (first tokens in prompt order after each
     prefill, then per decode step the rows still running, in prompt order). Arguments are
-    checked here, before the first token is asked for; bad ones raise ValueError."""
+    checked here, before the first token is asked for; bad ones raise ValueError.
+    stop_tokens None: the model's EOS; () generates to max_new_tokens."""
     prompts = _check_prompts(backend, prompts, max_new_tokens)
     params = SamplingParams(float(temperature), top_k, float(top_p))
-    stops = {int(t) for t in stop_tokens}
-    return _run(backend, prompts, max_new_tokens, params, stops, seed)
+    stops = set(default_stop_tokens(backend) if stop_tokens is None else (int(t) for t in stop_tokens))
+    return _run(backend, prompts, max_new_tokens, params, stops, seed, prefill_chunk)
 
 
 def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: set[int],
-         seed: int | None) -> Iterator[TokenEvent]:
+         seed: int | None, prefill_chunk: int | None) -> Iterator[TokenEvent]:
     if max_new_tokens == 0:
         return
-    layout, config = backend.layout, backend.config
     if seed is None:
         seed = random.SystemRandom().randrange(2**62)
     gens = None if params.greedy else [torch.Generator().manual_seed(seed + r) for r in range(len(prompts))]
@@ -156,9 +165,10 @@ def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params
                 keep.append(i)
         return events, keep
 
-    caches, rows, last = [], [], []
+    caches: list[KVCache] = []
+    rows, last = [], []
     for r, ids in enumerate(prompts):
-        logits, cache = backend.prefill(torch.tensor([ids], dtype=torch.long))
+        logits, cache = backend.prefill(torch.tensor([ids], dtype=torch.long), chunk_size=prefill_chunk)
         (event,), keep = emit([r], logits)
         yield event
         if keep:
@@ -167,27 +177,27 @@ def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params
             last.append(event.token)
     if not rows:
         return
-    cache = cache_ops.merge(caches, layout)
+    cache = KVCache.merge(caches)
     del caches
     while rows:
-        max_pos = int(cache_ops.positions(cache, layout).max())
-        cache = cache_ops.ensure_capacity_for(cache, layout, config, max_pos)
-        logits, cache = backend.decode(torch.tensor(last, dtype=torch.long).view(-1, 1), cache)
+        logits = backend.decode(torch.tensor(last, dtype=torch.long).view(-1, 1), cache)
         events, keep = emit(rows, logits)
         yield from events
         if len(keep) < len(rows):
             if keep:
-                cache = cache_ops.select(cache, layout, keep)
+                cache = cache.select(keep)
             rows = [rows[i] for i in keep]
         last = [events[i].token for i in keep]
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int | None = None,
+             top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] | None = None, seed: int | None = None,
+             prefill_chunk: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
-    """Generate up to max_new_tokens for each prompt; on_token(row, token) streams them as made."""
+    """Generate up to max_new_tokens for each prompt; on_token(row, token) streams them as made.
+    stop_tokens None: the model's EOS; () generates to max_new_tokens."""
     events = stream(backend, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, stop_tokens=stop_tokens, seed=seed)
+                    top_p=top_p, stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk)
     results = [GenerationResult([], LENGTH, len(p)) for p in _check_prompts(backend, prompts, max_new_tokens)]
     for event in events:
         results[event.row].tokens.append(event.token)
@@ -198,5 +208,5 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_toke
     return results
 
 
-__all__ = ["GenerationResult", "LENGTH", "STOP", "SamplingParams", "TokenEvent", "filter_logits", "generate",
-           "sample", "stream"]
+__all__ = ["GenerationResult", "LENGTH", "STOP", "SamplingParams", "TokenEvent", "default_stop_tokens",
+           "filter_logits", "generate", "sample", "stream"]

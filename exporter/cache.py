@@ -6,8 +6,8 @@ fp32 compressor tail state holding the projections of the unfinished block (CSA 
 block, whose first halves the next entry pools). Memory is window + T/4 (CSA) or window + T/128
 (HCA) entries per layer, plus constant-size state.
 
-The same description (`layout`) tells every backend what to allocate; it is written into export
-manifests later.
+The same description (`cache_layout`) tells every backend what to allocate and is written into
+every export's manifest (exporter/contract.py); engines/cache_ops.py operates on it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ class TensorSpec:
 
 # Dynamic dims: the batch, and the entry capacity of CSA / HCA layers (>= complete blocks so far).
 BATCH, CSA_ENTRIES, HCA_ENTRIES = "batch", "csa_entries", "hca_entries"
+MIN_CAPACITY = 16
+
+
+def grown_capacity(current: int, needed: int, minimum: int = MIN_CAPACITY) -> int:
+    """Amortized growth of an entry buffer: at least `needed`, at least +25% (rounded up), at least
+    `minimum`, so a long generation reallocates O(log T) times. The one growth rule of hatrt."""
+    return max(needed, current + (current + 3) // 4, minimum)
 
 
 def cache_layout(config: ModelConfig, dtype: torch.dtype = torch.float32) -> list[TensorSpec]:
@@ -113,7 +120,7 @@ class LayerCache:
             buf = getattr(self, name)
             if buf is None or buf.shape[1] >= n_entries:
                 continue
-            cap = max(n_entries, buf.shape[1] + buf.shape[1] // 4, 16)
+            cap = grown_capacity(buf.shape[1], n_entries)
             grown = buf.new_zeros(buf.shape[0], cap, buf.shape[2])
             grown[:, : buf.shape[1]] = buf
             setattr(self, name, grown)

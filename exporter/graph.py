@@ -1,16 +1,16 @@
-"""The reference model as two exportable graphs with flat tensor I/O.
+"""The reference model as the one exportable graph, a *step*, with flat tensor I/O.
 
-Both wrap the SAME Transformer forward (no second implementation): the cache travels as the flat
+It wraps the SAME Transformer forward (no second implementation); the cache travels as the flat
 tensor list described by `cache_layout`, so ONNX Runtime, TensorRT and torch share one cache
-description.
+description. The I/O names and dims are the export contract's (exporter/contract.py):
 
-- prefill: input_ids [batch, seq] -> logits [batch, seq, vocab] and the cache after the prompt
-  (entry buffers sized to the complete blocks, seq // ratio).
-- decode: input_ids [batch, 1] + cache -> logits [batch, 1, vocab] and the updated cache. Entry
-  buffers keep their capacity (a dynamic dim the runtime grows); a block completed by this token is
-  written in place of an empty slot, never appended.
-Per-layer mode adds each layer's output streams as extra outputs, to find the first layer that
-diverges.
+    input_ids [batch, seq], logits_index [n_logits], cache.* ->
+        logits [batch, n_logits, vocab], new_cache.* (, layer<i>.streams)
+
+seq >= 1: one graph serves prefill chunks and decoding (a prompt of any length is fed in chunks,
+so memory is bounded by the chunk). Entry buffers keep their capacity (a dynamic dim the runtime
+grows before the step, exporter.contract.entries_needed); a block completed by these tokens is
+written in place of an empty slot, never appended.
 """
 
 from __future__ import annotations
@@ -18,65 +18,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import contract
 from .cache import Cache, cache_layout
-from .config import WINDOW
 from .model import Transformer
 
-LOGITS = "logits"
-INPUT_IDS = "input_ids"
 
-
-def cache_input_names(model: Transformer) -> list[str]:
-    return [f"cache.{s.name}" for s in cache_layout(model.config, model.dtype)]
-
-
-def cache_output_names(model: Transformer) -> list[str]:
-    return [f"new_cache.{s.name}" for s in cache_layout(model.config, model.dtype)]
-
-
-def layer_output_names(model: Transformer) -> list[str]:
-    return [f"layer{i}.streams" for i in range(model.config.num_layers)]
-
-
-class PrefillGraph(nn.Module):
+class StepGraph(nn.Module):
     def __init__(self, model: Transformer, per_layer: bool = False):
         super().__init__()
         self.model, self.per_layer = model, per_layer
+        self.layout = cache_layout(model.config, model.dtype)
 
     def input_names(self) -> list[str]:
-        return [INPUT_IDS]
+        return contract.step_input_names(self.layout)
 
     def output_names(self) -> list[str]:
-        names = [LOGITS] + cache_output_names(self.model)
-        return names + (layer_output_names(self.model) if self.per_layer else [])
+        return contract.step_output_names(self.layout, self.model.config.num_layers, self.per_layer)
 
-    def forward(self, input_ids: torch.Tensor):
-        b, s = input_ids.shape
-        cache = self.model.new_cache(b)
-        for layer in cache.layers:
-            if layer.ratio != WINDOW:  # exactly the blocks this prompt completes
-                layer.entries = layer.entries.new_zeros(b, s // layer.ratio, layer.entries.shape[2])
-                if layer.index_keys is not None:
-                    layer.index_keys = layer.index_keys.new_zeros(b, s // layer.ratio, layer.index_keys.shape[2])
-        streams: list[torch.Tensor] | None = [] if self.per_layer else None
-        logits = self.model(input_ids, cache, layer_outputs=streams)
-        return (logits, *cache.to_tensors(), *(streams or []))
-
-
-class DecodeGraph(nn.Module):
-    def __init__(self, model: Transformer, per_layer: bool = False):
-        super().__init__()
-        self.model, self.per_layer = model, per_layer
-
-    def input_names(self) -> list[str]:
-        return [INPUT_IDS] + cache_input_names(self.model)
-
-    def output_names(self) -> list[str]:
-        names = [LOGITS] + cache_output_names(self.model)
-        return names + (layer_output_names(self.model) if self.per_layer else [])
-
-    def forward(self, input_ids: torch.Tensor, *cache_tensors: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, logits_index: torch.Tensor, *cache_tensors: torch.Tensor):
         cache = Cache.from_tensors(self.model.config, list(cache_tensors))
         streams: list[torch.Tensor] | None = [] if self.per_layer else None
-        logits = self.model(input_ids, cache, layer_outputs=streams)
+        logits = self.model(input_ids, cache, layer_outputs=streams, logits_index=logits_index)
         return (logits, *cache.to_tensors(), *(streams or []))
