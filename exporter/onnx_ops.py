@@ -30,11 +30,8 @@ Known numeric differences to the torch reference: summation order inside MatMul 
 ReduceMean and the exp of Softmax differ at ulp level (measured max |error| 4e-6 in fp32); fake
 quantization turns such a difference into one FP8/FP4 step when it straddles a rounding boundary
 (measured: 1 of 680 random single-op cases, one element). The power-of-two scale is the exact
-smallest power of two >= max(amax, 1e-4)/qmax, whereas quant.pow2_scale computes
-exp2(ceil(log2(.))) with a rounded fp32 log2, which picks the next LOWER power of two for ratios
-1-3 ulp above a power of two (FP4 blocks then differ; FP8 is unaffected in practice). Making
-quant.pow2_scale exact (torch.frexp) would remove that difference; kernels deriving ue8m0 scales
-from exponent bits are exact too.
+smallest power of two >= max(amax, 1e-4)/qmax here, in quant.pow2_scale (log2 corrected by two
+exact comparisons) and in kernels deriving ue8m0 scales from exponent bits.
 
 Pitfalls (measured with torch 2.13, onnxscript 0.7.2, onnxruntime 1.32):
 * ``ONNXProgram.optimize()`` inlines model-local functions, custom nodes included: attach the
@@ -48,6 +45,7 @@ Pitfalls (measured with torch 2.13, onnxscript 0.7.2, onnxruntime 1.32):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -545,6 +543,196 @@ def strip_functions(model):
                     metadata_props=dict(source.metadata_props))
 
 
+# --------------------------------------------------------------------------- the TensorRT twin
+# What TensorRT's ONNX parser (onnx/onnx-tensorrt) needs beyond strip_functions; the rules, with the
+# parser source each comes from, are in exporter/trt_lint.py and docs/tensorrt.md.
+_EINSUM_LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def prepare_trt_twin(model, *, base_dir: str | os.PathLike = "") -> onnx.ModelProto:
+    """The TensorRT twin of an export: strip_functions, then constant folding and small rewrites.
+
+    1. onnxscript's constant folding (it keeps the hatrt nodes and their attributes as they are):
+       axes of Reduce*/Squeeze/Unsqueeze/Slice computed from constants (Reshape of a Constant...)
+       become constants, as the parser demands ("Axis input must be an initializer!"); no-op
+       Casts and shape arithmetic on constants disappear.
+    2. Equal on BOOL inputs (torch's integer floor division compares the signs of its operands
+       with one) becomes Not(Xor(a, b)): TensorRT's elementwise layer takes BOOL only for
+       AND/OR/XOR.
+    3. Einsum with two operands and one summed label becomes Transpose/Unsqueeze + MatMul (+
+       Transpose): TensorRT's IEinsumLayer outputs FLOAT only, which a strongly typed fp16 network
+       cannot use; an Einsum of another form that is not float32 is computed in float32 between
+       Casts.
+    4. Every Constant becomes an initializer.
+
+    The ONNX Runtime graph is never changed: a ModelProto is copied, an onnx_ir.Model (or
+    ONNXProgram) is serialized first. Weights that are external data stay external (pass the
+    directory of the model file as base_dir so that small external tensors can be folded).
+    Returns a ModelProto whose graph computes the same as the input's (tests/test_trt_lint.py
+    runs it in ONNX Runtime with the functions re-attached).
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import fold_constants_ir
+
+    twin = strip_functions(model)
+    if not isinstance(twin, onnx.ModelProto):
+        twin = ir.serde.serialize_model(twin)
+    model_ir = ir.serde.deserialize_model(twin)
+    if base_dir:
+        for value in model_ir.graph.initializers.values():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                value.const_value.base_dir = base_dir
+    fold_constants_ir(model_ir, onnx_shape_inference=True)
+    common_passes.RemoveUnusedNodesPass()(model_ir)
+    changed = _rewrite_bool_equal(model_ir.graph) + _rewrite_einsum(model_ir.graph)
+    if changed:  # fold what the rewrites made foldable (e.g. the Transpose of a small constant)
+        fold_constants_ir(model_ir, onnx_shape_inference=False)
+        common_passes.RemoveUnusedNodesPass()(model_ir)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model_ir)
+    return ir.serde.serialize_model(model_ir)
+
+
+def save_trt_twin(step_path: str | os.PathLike, trt_path: str | os.PathLike, *, big: bool = False) -> None:
+    """Write the TensorRT twin of the graph at step_path (prepare_trt_twin) to trt_path.
+
+    big: the graph keeps its weights as external data; the twin then refers to the same data file
+    (only tensors made by folding go to `<trt_path>.data`)."""
+    from pathlib import Path
+
+    step_path, trt_path = Path(step_path), Path(trt_path)
+    twin = prepare_trt_twin(onnx.load(str(step_path), load_external_data=not big), base_dir=str(step_path.parent))
+    if big:
+        onnx.save(twin, str(trt_path), save_as_external_data=True, location=trt_path.name + ".data")
+    else:
+        onnx.save(twin, str(trt_path))
+
+
+def _new_node(graph, before, op_type: str, inputs: list, attrs: dict | None = None, name: str = ""):
+    import onnx_ir as ir
+
+    node = ir.Node("", op_type, inputs, ir.convenience.convert_attributes(attrs or {}),
+                   name=f"{before.name or 'node'}_{name or op_type.lower()}")
+    graph.insert_before(before, node)
+    return node.outputs[0]
+
+
+def _ints_initializer(graph, values: list[int], hint: str):
+    import onnx_ir as ir
+
+    name = hint
+    i = 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{hint}_{i}"
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(values, dtype=np.int64), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _rewrite_bool_equal(graph) -> int:
+    """Equal(a, b) on BOOL -> Not(Xor(a, b)) (the same truth table). Returns the number rewritten."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Equal" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        a, b = node.inputs
+        if a is None or b is None or a.dtype != ir.DataType.BOOL or b.dtype != ir.DataType.BOOL:
+            continue
+        xor = ir.Node("", "Xor", [a, b], name=f"{node.name}_xor")
+        neg = ir.Node("", "Not", [xor.outputs[0]], name=f"{node.name}_not")
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [xor, neg], [node.outputs[0]], [neg.outputs[0]])
+        count += 1
+    return count
+
+
+def _einsum_plan(equation: str):
+    """For 'A,B->O' with one summed label: (perm_a, unsq_a, perm_b, unsq_b, perm_out) for
+    MatMul(Unsqueeze(Transpose(a)), Unsqueeze(Transpose(b))) -> Transpose, or None.
+
+    The MatMul's rows are the last label of A that B lacks, its columns the last label of B that A
+    lacks, every other output label a (broadcast) batch dim in output order."""
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    a, b = terms
+    if any(len(set(t)) != len(t) or not set(t) <= _EINSUM_LETTERS for t in (a, b, out)):
+        return None
+    summed = [c for c in a if c in b and c not in out]
+    if len(summed) != 1 or any(c not in out for c in a + b if c not in summed) or not set(out) <= set(a + b):
+        return None  # one contracted label; no label summed within a single operand
+    rows = [c for c in a if c not in b]
+    cols = [c for c in b if c not in a]
+    if not rows or not cols:
+        return None
+    row, col, k = rows[-1], cols[-1], summed[0]
+    batch = [c for c in out if c not in (row, col)]
+
+    def operand(term: str, last_two: list[str]):
+        present = [c for c in batch if c in term]
+        perm = [term.index(c) for c in present + last_two]
+        full = batch + last_two
+        unsq = [i for i, c in enumerate(full) if c not in term and c not in last_two]
+        # leading missing batch dims broadcast by themselves in MatMul
+        lead = 0
+        while lead < len(unsq) and unsq[lead] == lead:
+            lead += 1
+        unsq = unsq[lead:]
+        if unsq:  # positions counted in the rank after the leading ones are dropped
+            unsq = [i - lead for i in unsq]
+        return perm, unsq
+
+    perm_a, unsq_a = operand(a, [row, k])
+    perm_b, unsq_b = operand(b, [k, col])
+    mm = batch + [row, col]
+    perm_out = [mm.index(c) for c in out]
+    return perm_a, unsq_a, perm_b, unsq_b, perm_out
+
+
+def _rewrite_einsum(graph) -> int:
+    """Einsum -> MatMul where _einsum_plan applies; other non-float32 Einsums get float32 Casts."""
+    import onnx_ir as ir
+
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = node.attributes.get("equation")
+        plan = _einsum_plan(attr.value) if attr is not None and len(node.inputs) == 2 else None
+        y = node.outputs[0]
+        if plan is not None:
+            perm_a, unsq_a, perm_b, unsq_b, perm_out = plan
+            ops = []
+            for side, x, perm, unsq in (("a", node.inputs[0], perm_a, unsq_a), ("b", node.inputs[1], perm_b, unsq_b)):
+                if perm != sorted(perm):
+                    x = _new_node(graph, node, "Transpose", [x], {"perm": perm}, f"transpose_{side}")
+                if unsq:
+                    axes = _ints_initializer(graph, unsq, f"{node.name}_axes_{side}")
+                    x = _new_node(graph, node, "Unsqueeze", [x, axes], name=f"unsqueeze_{side}")
+                ops.append(x)
+            out = _new_node(graph, node, "MatMul", ops)
+            if perm_out != sorted(perm_out):
+                out = _new_node(graph, node, "Transpose", [out], {"perm": perm_out}, "transpose_out")
+        elif y.dtype not in (ir.DataType.FLOAT, None):
+            casts = [_new_node(graph, node, "Cast", [x], {"to": ir.DataType.FLOAT}, f"cast{i}")
+                     for i, x in enumerate(node.inputs)]
+            out = _new_node(graph, node, "Einsum", casts, {"equation": attr.value}, "einsum_fp32")
+            out = _new_node(graph, node, "Cast", [out], {"to": y.dtype}, "cast_out")
+        else:
+            continue
+        ir.convenience.replace_all_uses_with(y, out, replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        out.name, out.type, out.shape = y.name, y.type, y.shape
+        count += 1
+    return count
+
+
 def check_hatrt_nodes(model, *, require_functions: bool = True) -> list[str]:
     """Problems with the model's hatrt nodes (empty list = fine): missing plugin fields, missing
     functions (when require_functions) or functions present (when not)."""
@@ -592,4 +780,4 @@ def export(module, args, *, opset_version: int = DEFAULT_OPSET, **kwargs):
 
 __all__ = ["CUSTOM_TRANSLATION_TABLE", "DOMAIN", "PLUGIN_NAMESPACE", "PLUGIN_VERSION", "SIGNATURES", "attach_functions",
            "check_hatrt_nodes", "export", "function_proto", "function_protos", "hatrt_nodes", "op_schema",
-           "strip_functions", "QUANT_FP4", "QUANT_FP8", "QUANT_NONE"]
+           "prepare_trt_twin", "save_trt_twin", "strip_functions", "QUANT_FP4", "QUANT_FP8", "QUANT_NONE"]

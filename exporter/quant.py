@@ -23,8 +23,17 @@ _E2M1_TIE_UP = torch.tensor([False, True, False, True, False, True, False])
 
 
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """Smallest power of two s with amax / s <= qmax."""
-    return torch.exp2(torch.ceil(torch.log2(amax.clamp(min=_AMAX_FLOOR) / qmax)))
+    """Smallest power of two s with max(amax, 1e-4) / qmax <= s, exactly.
+
+    exp2(ceil(log2(y))) alone is off by one power when the rounded log2 of a ratio at (or a few
+    ulp above) a power of two lands on the wrong side of an integer, and torch and ONNX Runtime
+    (Log / ln 2) round differently. The two exact comparisons below correct that, so eager,
+    ONNX Runtime and kernels that read the exponent bits (ue8m0) agree on every input.
+    """
+    y = amax.clamp(min=_AMAX_FLOOR) / qmax
+    s = torch.exp2(torch.ceil(torch.log2(y)))
+    s = torch.where(s * 0.5 >= y, s * 0.5, s)  # log2 rounded up across an integer
+    return torch.where(s < y, s * 2.0, s)  # log2 rounded down across an integer
 
 
 def round_e2m1(y: torch.Tensor) -> torch.Tensor:
@@ -34,7 +43,12 @@ def round_e2m1(y: torch.Tensor) -> torch.Tensor:
     idx = torch.bucketize(a, edges)  # a == edge lands in the lower bucket
     on_edge = (idx < len(edges)) & (a == edges[idx.clamp(max=len(edges) - 1)])
     idx = idx + (on_edge & tie_up[idx.clamp(max=len(edges) - 1)]).long()
-    return torch.copysign(values[idx], y)
+    # copysign(values[idx], y) without torch.copysign, which lowers to prims.signbit (no ONNX
+    # translation). 1 / y < 0 also catches -0.0 (1 / -0.0 = -inf), so the sign bit of every
+    # non-NaN y is reproduced, -0.0 and tiny negatives included (they give -0.0). The sign is a
+    # +-1 factor, not a Where between v and -v: ONNX Runtime's Where drops the sign of a zero.
+    negative = (y < 0) | (torch.reciprocal(y) < 0)
+    return values[idx] * torch.where(negative, -1.0, 1.0)
 
 
 def fake_quant_fp8(x: torch.Tensor, block: int = 64) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Interleaved rotary embeddings on the trailing `rope_dim` channels, one table per layer.
 
 Window-only layers use plain RoPE (base rope_theta); compressed layers use compress_rope_theta with
-YaRN frequency interpolation (no attention mscale). As in the official code, YaRN is applied when
-max_position_embeddings exceeds the original training length.
+YaRN frequency interpolation (no attention mscale). As in DeepSeek's official V4 code (YaRN whenever
+original_seq_len > 0) and transformers' DeepseekV4 rotary embedding, YaRN is applied whenever the
+config names it, whatever max_position_embeddings is: the ramp depends only on the original length,
+rope_dim, the base and beta_fast/beta_slow.
 """
 
 from __future__ import annotations
@@ -15,9 +17,15 @@ from torch import nn
 from .config import ModelConfig
 
 
-def inv_freq(dim: int, base: float, yarn=None, max_positions: int = 0) -> torch.Tensor:
+def inv_freq(dim: int, base: float, yarn=None) -> torch.Tensor:
+    """Per-pair inverse frequencies [dim // 2] (fp32); YaRN-interpolated whenever `yarn` is given.
+
+    The official precompute_freqs_cis in float32 (truncated correction range, linear ramp, no
+    mscale). transformers' _compute_yarn_parameters computes 1 / (factor * base^x) for the
+    interpolated part: bit-identical for a power-of-two factor (V4: 16), within an ulp otherwise.
+    """
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    if yarn is None or max_positions <= yarn.original_max_position_embeddings:
+    if yarn is None:
         return freqs
 
     def correction_dim(rotations: float) -> float:
@@ -41,13 +49,12 @@ class Rotary(nn.Module):
         self.dim = config.rope_dim
         self.base = config.compress_rope_theta if compressed else config.rope_theta
         self.yarn = config.yarn if compressed else None
-        self.max_positions = config.max_position_embeddings
         self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         with torch.no_grad():
-            self.inv_freq.copy_(inv_freq(self.dim, self.base, self.yarn, self.max_positions))
+            self.inv_freq.copy_(inv_freq(self.dim, self.base, self.yarn))
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float().unsqueeze(-1) * self.inv_freq.float()
