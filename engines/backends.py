@@ -279,6 +279,13 @@ def _load_torch(source: str | os.PathLike, dtype: torch.dtype, quant_sim: bool, 
     except (CheckpointError, ConfigError) as e:
         raise BackendError(str(e)) from None
     if device is not None:
+        if torch.device(device).type == "cuda":  # the weights go to the GPU: check that they fit there
+            from exporter.checkpoint import check_memory
+
+            try:
+                check_memory(model.config, dtype, device=device)
+            except CheckpointError as e:
+                raise BackendError(str(e)) from None
         model = model.to(device)
     return TorchBackend(model)
 
@@ -332,8 +339,18 @@ def load_backend(source: str | os.PathLike, backend: str = TORCH, *, dtype: str 
     if checkpoint is None:
         checkpoint = export_source(manifest, where)
     m_dtype = _torch_dtype(manifest["dtype"])
-    return _load_torch(checkpoint, want_dtype or m_dtype, bool(manifest.get("quant_sim", False))
-                       if quant_sim is None else quant_sim, device)
+    ref = _load_torch(checkpoint, want_dtype or m_dtype, bool(manifest.get("quant_sim", False))
+                      if quant_sim is None else quant_sim, device)
+    if manifest.get("quantization"):  # an FP8 export: the reference runs the same FP8 GEMMs
+        from exporter import fp8
+
+        from .quantize import QuantizeError, load_recipe
+
+        try:
+            fp8.apply_recipe(ref.model, load_recipe(source, manifest))
+        except (QuantizeError, ValueError) as e:
+            raise BackendError(f"{where}: {e}") from None
+    return ref
 
 
 def _check_agrees(manifest: dict, where: Path, dtype, quant_sim: bool | None) -> None:

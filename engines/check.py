@@ -23,7 +23,8 @@ NaN never passes; matching infinities (empty compressor slots hold -inf) compare
 Tolerance policy (`policy_for`): fp32 exports 1e-5 on every element of every output; fp16 1e-2 on
 95% of the logit elements, and quant-sim exports likewise on the logits (FP8/FP4 rounding and
 fp16 arithmetic flip discrete decisions at near-ties: MoE routing, indexer top-k, a value on a
-rounding edge), with cache and layer outputs reported as diagnostics.
+rounding edge), with cache and layer outputs reported as diagnostics; FP8 exports (fp32) 1e-2 on
+99% of the logit elements against the reference running the same FP8 recipe.
 
 Reported besides the verdict: max abs / max rel (to max|ref|) error per output, cosine similarity,
 top-1 and top-5 set agreement of the logits, and in per-layer exports the first layer whose
@@ -77,14 +78,20 @@ POLICIES = {
     "float32": TolerancePolicy(1e-5, 1e-5, None, GROUPS, "fp32: every element of every output"),
     "float16": TolerancePolicy(1e-2, 1e-2, 0.95, ("logits",), "fp16: 95% of logit elements"),
     "quant_sim": TolerancePolicy(1e-2, 1e-2, 0.95, ("logits",), "quant-sim: 95% of logit elements"),
+    # An fp32 FP8 export against the reference under the same FP8 recipe: the GEMM operands are
+    # rounded identically, except an activation sitting on an E4M3 rounding edge (where fp32
+    # arithmetic order moves it by an ulp), which moves by a whole FP8 step (6-12%) and nudges the
+    # layers after it; measured on tiny-flash: max 5e-5 to 1.2e-2 of max|ref| depending on the
+    # prompt, cosine >= 0.9998, top-1 100%, while the unquantized reference is ~10x further off.
+    "fp8": TolerancePolicy(1e-2, 1e-2, 0.99, ("logits",), "fp8 (same recipe in the reference): 99% of logit elements"),
 }
 DEFAULT_TOLERANCES = {k: (p.rtol, p.atol) for k, p in POLICIES.items()}
 
 
-def policy_for(dtype: str, quant_sim: bool) -> TolerancePolicy:
-    if quant_sim:
-        return POLICIES["quant_sim"]
-    return POLICIES[dtype]
+def policy_for(dtype: str, quant_sim: bool, fp8: bool = False) -> TolerancePolicy:
+    if quant_sim or dtype == "float16":
+        return POLICIES["quant_sim" if quant_sim else "float16"]
+    return POLICIES["fp8"] if fp8 else POLICIES[dtype]
 
 
 class CheckError(ValueError):
@@ -423,7 +430,7 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     except BackendError as e:
         raise CheckError(str(e)) from None
     dtype, quant_sim = manifest["dtype"], bool(manifest.get("quant_sim", False))
-    policy = policy_for(dtype, quant_sim)
+    policy = policy_for(dtype, quant_sim, bool(manifest.get("quantization")))
     rtol = policy.rtol if rtol is None else float(rtol)
     atol = policy.atol if atol is None else float(atol)
     if rtol < 0 or atol < 0:

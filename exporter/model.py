@@ -22,6 +22,7 @@ from torch import nn
 from . import ops
 from .cache import Cache, CompressorState, LayerCache
 from .config import CSA, WINDOW, ModelConfig
+from .fp8 import fp8_linear
 from .quant import fake_quant_fp4, fake_quant_fp8, hadamard
 from .rope import Rotary, apply_rope
 
@@ -52,13 +53,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Module):
-    """Bias-free linear whose parameter is named `weight`, as in the checkpoints."""
+    """Bias-free linear whose parameter is named `weight`, as in the checkpoints.
+
+    With an FP8 recipe attached (exporter/fp8.py apply_recipe), `fp8` holds its static scales and
+    both operands go through the FP8 round trip, as the FP8 GEMM of a quantized export computes."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.fp8 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8 is not None:
+            return fp8_linear(x, self.weight, self.fp8)
         return linear(x, self.weight)
 
 
@@ -138,16 +145,15 @@ class Compressor(nn.Module):
 
 
 def scatter_rows(buf: torch.Tensor, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """buf[b, index[b, j]] = values[b, j] where mask[b, j], out of place (export-friendly).
+    """buf[b, index[b, j]] = values[b, j] where mask[b, j], out of place, in one scatter.
 
-    Masked-out writes go to private spill rows past the end, so no two writes collide.
-    """
-    b, cap, width = buf.shape
-    spill = torch.arange(index.shape[1], device=buf.device) + cap
-    index = torch.where(mask, index, spill)
-    padded = torch.cat([buf, buf.new_zeros(b, index.shape[1], width)], 1)
-    padded = padded.scatter(1, index.unsqueeze(-1).expand(-1, -1, width), values.to(buf.dtype))
-    return padded[:, :cap]
+    The indices of a row are distinct block ids, all < capacity (the capacity contract,
+    exporter.contract.entries_needed), so masked-out slots simply rewrite their current value: no
+    duplicate indices, and the graph copies the buffer once (not pad, scatter, slice)."""
+    width = buf.shape[-1]
+    index = index.unsqueeze(-1).expand(-1, -1, width)
+    keep = buf.gather(1, index)
+    return buf.scatter(1, index, torch.where(mask.unsqueeze(-1), values.to(buf.dtype), keep))
 
 
 class Indexer(nn.Module):
@@ -164,11 +170,11 @@ class Indexer(nn.Module):
     def forward(self, x, cq, q_pos, cos, sin, layer: LayerCache, rotary: Rotary, quant_sim: bool) -> torch.Tensor:
         layer.index_compressor, layer.index_keys = self.compressor(
             x, q_pos[:, 0], layer.index_compressor, layer.index_keys, rotary, quant_sim)
-        q = linear(cq, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self.wq_b(cq).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(q, cos, sin)
         if quant_sim:
             q = fake_quant_fp4(hadamard(q))
-        w = linear(x, self.weights_proj.weight).float() * self.weight_scale
+        w = self.weights_proj(x).float() * self.weight_scale
         return attention_ops().indexer_topk(q, w, layer.index_keys, q_pos, ratio=CSA, topk=self.topk,
                                             bf16_scores=quant_sim)
 
@@ -199,11 +205,11 @@ class Attention(nn.Module):
         cos, sin = self.rotary(q_pos)  # [B, S, r/2]
         hcos, hsin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
 
-        cq = self.q_norm(linear(x, self.wq_a.weight))  # reused by the indexer
-        q = linear(cq, self.wq_b.weight).unflatten(-1, (self.n_heads, self.head_dim))
+        cq = self.q_norm(self.wq_a(x))  # reused by the indexer
+        q = self.wq_b(cq).unflatten(-1, (self.n_heads, self.head_dim))
         q = apply_rope(ops.rms_norm(q, None, c.rms_norm_eps), hcos, hsin)
 
-        kv = apply_rope(self.kv_norm(linear(x, self.wkv.weight)), cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
         if quant_sim:
             kv = torch.cat([fake_quant_fp8(kv[..., : c.nope_dim]), kv[..., c.nope_dim:]], dim=-1)
         window_kv = torch.cat([layer.window_kv, kv.to(layer.window_kv.dtype)], dim=1)
@@ -213,7 +219,7 @@ class Attention(nn.Module):
         entry_idx = torch.full((b, s, 0), -1, dtype=torch.long, device=x.device)
         if self.ratio:
             if not torch.compiler.is_exporting():  # eager: grow to fit; exported graphs get sized buffers
-                layer.reserve(int((q_pos[:, -1] + 1).max()) // self.ratio)
+                layer.reserve(int(q_pos[:, -1].max()) // self.ratio + 2)  # exporter.contract.entries_needed
             layer.compressor, layer.entries = self.compressor(x, q_pos[:, 0], layer.compressor, layer.entries,
                                                               self.rotary, quant_sim)
             entries = layer.entries  # entries not yet complete for a query are masked by the ops
@@ -232,7 +238,7 @@ class Attention(nn.Module):
         o = o.reshape(b, s, g, -1)
         wo_a = self.wo_a.weight.to(o.dtype).view(g, c.o_lora_rank, -1)
         o = torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2)
-        return linear(o, self.wo_b.weight)
+        return self.wo_b(o)
 
     @staticmethod
     def _update_window(layer: LayerCache, kv: torch.Tensor, q_pos: torch.Tensor) -> None:
@@ -255,10 +261,10 @@ class Expert(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.w1.weight), linear(x, self.w3.weight)
+        gate, up = self.w1(x), self.w3(x)
         if self.limit:
             gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        return linear(F.silu(gate) * up, self.w2.weight)
+        return self.w2(F.silu(gate) * up)
 
 
 class Gate(nn.Module):
@@ -309,8 +315,14 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat, dtype=torch.float32)
         if torch.compiler.is_exporting():
             # A graph cannot branch on routing: run every expert on every token, weighted by a
-            # dense routing matrix that is zero where the token did not pick the expert.
-            dense = torch.zeros(flat.shape[0], len(self.experts), device=x.device).scatter(1, idx, weights)
+            # dense routing matrix that is zero where the token did not pick the expert. It is a
+            # one-hot sum, not a scatter: a token may pick one expert twice (transformers writes an
+            # all-zero tid2eid), and like the eager loop the picks must add up (a scatter keeps one
+            # of them, and ONNX ScatterElements leaves duplicate indices undefined). Exports as
+            # Equal + Cast + Mul + ReduceSum.
+            experts = torch.arange(len(self.experts), device=x.device)
+            one_hot = (idx.unsqueeze(-1) == experts).to(weights.dtype)  # [T, k, E]
+            dense = (one_hot * weights.unsqueeze(-1)).sum(1)  # [T, E]
             for e, expert in enumerate(self.experts):
                 out = out + expert(flat).float() * dense[:, e:e + 1]
         else:
@@ -421,8 +433,11 @@ class Transformer(nn.Module):
         return Cache(self.config, batch, dtype=self.dtype, device=self.embed.weight.device)
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
-                layer_outputs: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """layer_outputs, when given, receives each layer's output streams [B, S, hc, d]."""
+                layer_outputs: list[torch.Tensor] | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """layer_outputs, when given, receives each layer's output streams [B, S, hc, d].
+        logits_index [n] (positions within the S new tokens): logits only there, [B, n, vocab]
+        (a prefill chunk needs only its last position's; the head is the largest matmul)."""
         if cache is None:
             cache = self.new_cache(input_ids.shape[0])
         if not torch.compiler.is_exporting():
@@ -436,8 +451,10 @@ class Transformer(nn.Module):
             if layer_outputs is not None:
                 layer_outputs.append(streams)
         cache.pos = cache.pos + s
+        if logits_index is not None:
+            streams = streams.index_select(1, logits_index)
         h = self.norm(self.collapse_streams(streams))
-        return linear(h, self.head.weight).float()
+        return self.head(h).float()
 
     def _check_inputs(self, input_ids: torch.Tensor, cache: Cache) -> None:
         if input_ids.dim() != 2:

@@ -153,7 +153,7 @@ def test_compressor_streaming_matches_one_shot(ratio, length, cuts, seed):
 
     def run(bounds):
         state = CompressorState.empty(1, slots, width, "cpu")
-        out = torch.zeros(1, length // ratio + 1, 16)
+        out = torch.zeros(1, (length - 1) // ratio + 2, 16)  # the capacity contract: contract.entries_needed
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
                 state, out = comp(x[:, a:b], torch.tensor([a]), state, out, rot, quant_sim=False)
