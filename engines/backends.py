@@ -17,7 +17,8 @@ decoding, batching, the generate loop, `hatrt check`) is written once on top of 
   are bound in place (no copies) as inputs, the outputs go into a second set of buffers of the same
   shapes, and the two sets swap roles after each step (ping-pong). On the CUDA provider with CUDA
   tensors nothing crosses to the host but the logits.
-- `load_backend(source, name)`: a preset name, checkpoint directory or export directory.
+- `TensorRTBackend(engine_dir)` (engines/tensorrt_backend.py): a `hatrt build` engine folder.
+- `load_backend(source, name)`: a preset name, checkpoint directory, export or engine directory.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from exporter.contract import ExportError
 from . import cache_ops
 from .cache_ops import KVCache
 
-TORCH, ONNXRUNTIME = "torch", "onnxruntime"
-BACKENDS = (TORCH, ONNXRUNTIME)
+TORCH, ONNXRUNTIME, TENSORRT = "torch", "onnxruntime", "tensorrt"
+BACKENDS = (TORCH, ONNXRUNTIME, TENSORRT)
 DEFAULT_PREFILL_CHUNK = 512
 
 
@@ -73,6 +74,8 @@ class Backend(abc.ABC):
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise BackendError(f"input_ids must be [batch, seq] with seq >= 1, got shape {tuple(input_ids.shape)}")
         b, s = input_ids.shape
+        if b < 1:
+            raise BackendError("input_ids has an empty batch")
         if b != cache.batch:
             raise BackendError(f"input_ids has batch {b}, the cache holds {cache.batch} sequences")
         last = int(cache.positions.max()) + s - 1
@@ -98,6 +101,9 @@ class Backend(abc.ABC):
         chunk = DEFAULT_PREFILL_CHUNK if chunk_size is None else int(chunk_size)
         if chunk < 1:
             raise BackendError(f"chunk_size must be >= 1, got {chunk_size}")
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 1:
+            raise BackendError(f"a prompt must be input_ids [batch, seq] with batch, seq >= 1, got shape "
+                               f"{tuple(input_ids.shape)}")
         if cache is None:
             cache = self.new_cache(input_ids.shape[0])
         total = input_ids.shape[1]
@@ -314,7 +320,12 @@ def load_backend(source: str | os.PathLike, backend: str = TORCH, *, dtype: str 
     """
     if backend not in BACKENDS:
         raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == TENSORRT:  # an engine folder (hatrt build); the module imports tensorrt lazily
+        from .tensorrt_backend import load_tensorrt_backend
+
+        return load_tensorrt_backend(source, dtype=dtype, quant_sim=quant_sim)
     export_dir = is_export_dir(source)
+    engine_dir = not export_dir and (Path(source) / "engine.json").is_file()
     if backend == ONNXRUNTIME:
         if not export_dir:
             path = Path(source)
@@ -331,11 +342,17 @@ def load_backend(source: str | os.PathLike, backend: str = TORCH, *, dtype: str 
         return ort_backend
 
     want_dtype = _torch_dtype(dtype)
-    if not export_dir:
+    if not export_dir and not engine_dir:
         return _load_torch(source if checkpoint is None else checkpoint, want_dtype or torch.float32,
                            bool(quant_sim), device)
-    manifest = read_manifest(source, verify="none")
-    where = Path(source) / contract.MANIFEST
+    if engine_dir:  # the reference of an engine: the export it was built from
+        from .tensorrt_build import engine_export_manifest, read_engine_manifest
+
+        manifest = engine_export_manifest(read_engine_manifest(source, verify="none"))
+        where = Path(source) / "engine.json"
+    else:
+        manifest = read_manifest(source, verify="none")
+        where = Path(source) / contract.MANIFEST
     if checkpoint is None:
         checkpoint = export_source(manifest, where)
     m_dtype = _torch_dtype(manifest["dtype"])
@@ -364,5 +381,5 @@ def _check_agrees(manifest: dict, where: Path, dtype, quant_sim: bool | None) ->
 
 
 __all__ = ["BACKENDS", "Backend", "BackendError", "DEFAULT_PREFILL_CHUNK", "KVCache", "ONNXRUNTIME",
-           "OnnxRuntimeBackend", "TORCH", "TorchBackend", "default_providers", "export_source", "is_export_dir",
+           "OnnxRuntimeBackend", "TENSORRT", "TORCH", "TorchBackend", "default_providers", "export_source", "is_export_dir",
            "load_backend", "read_manifest"]

@@ -1,34 +1,39 @@
-"""One generate loop for every backend (engines/backends.py).
+"""One generate loop for every backend (engines/backends.py), the CLI and the server alike.
 
-Each prompt is prefilled alone in chunks (batch 1: prompts of different lengths need no padding;
-`Backend.prefill`), the caches are merged (KVCache.merge) and then decoded together, one token per
-sequence per step, every row at its own position. A row that ends (a stop token, or
-max_new_tokens) leaves the batch (KVCache.select). Stop tokens default to the model's EOS
-(config.json / generation_config.json) when the caller passes none.
+`Scheduler` does continuous batching: each request's prompt is prefilled alone in chunks (batch 1:
+prompts of different lengths need no padding), one chunk per iteration while other rows decode,
+and its cache is merged into the batch cache (KVCache.merge); the batch decodes one token per row
+per step, every row at its own position; a row that ends (a stop token, max_new_tokens, or a
+cancel) leaves the batch (KVCache.select). Stop tokens default to the model's EOS (config.json)
+when the caller passes none. `stream` / `generate` submit a list of prompts and run it to the end.
 
 Sampling: greedy (argmax, lowest id on ties) when temperature == 0; otherwise logits / temperature,
 then top-k, then top-p (nucleus: the smallest set of most likely tokens whose probability reaches
-top_p), then a draw. Each prompt row r draws from its own torch.Generator seeded with seed + r, so
-a seeded run is reproducible and a row's draws do not depend on when other rows finish.
+top_p), then a draw. Each request draws from its own torch.Generator (prompt r of `stream` with
+seed + r), so a seeded run is reproducible and a row's draws do not depend on the other rows.
 
     results = generate(backend, [[1, 2, 3], [4, 5]], max_new_tokens=16)
     for event in stream(backend, prompts, max_new_tokens=16):   # TokenEvent(row, token, index, finish_reason)
         ...
+    scheduler = Scheduler(backend, max_batch=16); rid = scheduler.submit(Request(ids, 32)); scheduler.step()
 """
 
 from __future__ import annotations
 
 import numbers
 import random
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .backends import Backend
+from .backends import DEFAULT_PREFILL_CHUNK, Backend
 from .cache_ops import KVCache
 
 STOP, LENGTH = "stop", "length"
+ERROR = "error"  # Scheduler(isolate_errors=True): the request failed; TokenEvent.error says why
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,14 @@ class SamplingParams:
 @dataclass(frozen=True)
 class TokenEvent:
     """One generated token: prompt row, token id, its index among the row's new tokens, and the
-    finish reason when it is the row's last token (else None)."""
+    finish reason when it is the row's last token (else None). With Scheduler(isolate_errors=True)
+    a failed request ends with finish_reason ERROR, token -1 and the exception text in `error`."""
 
     row: int
     token: int
     index: int
     finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -133,71 +140,209 @@ def default_stop_tokens(backend: Backend) -> list[int]:
 
 def stream(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] | None = None, seed: int | None = None,
-           prefill_chunk: int | None = None) -> Iterator[TokenEvent]:
-    """Generate, yielding each token as it is produced (first tokens in prompt order after each
-    prefill, then per decode step the rows still running, in prompt order). Arguments are
-    checked here, before the first token is asked for; bad ones raise ValueError.
-    stop_tokens None: the model's EOS; () generates to max_new_tokens."""
+           prefill_chunk: int | None = None, max_batch: int | None = None) -> Iterator[TokenEvent]:
+    """Generate, yielding each token as it is produced: a prompt's first token when its prefill
+    ends, then per decode step the rows still running, in prompt order. Arguments are checked
+    here, before the first token is asked for; bad ones raise ValueError.
+    stop_tokens None: the model's EOS; () generates to max_new_tokens. Prompt r samples with seed + r."""
     prompts = _check_prompts(backend, prompts, max_new_tokens)
     params = SamplingParams(float(temperature), top_k, float(top_p))
-    stops = set(default_stop_tokens(backend) if stop_tokens is None else (int(t) for t in stop_tokens))
-    return _run(backend, prompts, max_new_tokens, params, stops, seed, prefill_chunk)
-
-
-def _run(backend: Backend, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams, stops: set[int],
-         seed: int | None, prefill_chunk: int | None) -> Iterator[TokenEvent]:
-    if max_new_tokens == 0:
-        return
-    if seed is None:
+    stops = frozenset(default_stop_tokens(backend) if stop_tokens is None else (int(t) for t in stop_tokens))
+    if seed is None and not params.greedy:
         seed = random.SystemRandom().randrange(2**62)
-    gens = None if params.greedy else [torch.Generator().manual_seed(seed + r) for r in range(len(prompts))]
-    counts = [0] * len(prompts)
-
-    def emit(rows: list[int], logits: torch.Tensor) -> tuple[list[TokenEvent], list[int]]:
-        """Sample a token for each row; return its events and the positions (in `rows`) still running."""
-        tokens = sample(logits[:, -1].float().cpu(), params, None if gens is None else [gens[r] for r in rows])
-        events, keep = [], []
-        for i, (r, t) in enumerate(zip(rows, tokens.tolist())):
-            counts[r] += 1
-            reason = STOP if t in stops else LENGTH if counts[r] >= max_new_tokens else None
-            events.append(TokenEvent(r, t, counts[r] - 1, reason))
-            if reason is None:
-                keep.append(i)
-        return events, keep
-
-    caches: list[KVCache] = []
-    rows, last = [], []
+    scheduler = Scheduler(backend, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    if max_new_tokens == 0:  # nothing to generate: no prefill either
+        return iter(())
     for r, ids in enumerate(prompts):
-        logits, cache = backend.prefill(torch.tensor([ids], dtype=torch.long), chunk_size=prefill_chunk)
-        (event,), keep = emit([r], logits)
-        yield event
-        if keep:
-            caches.append(cache)
-            rows.append(r)
-            last.append(event.token)
-    if not rows:
-        return
-    cache = KVCache.merge(caches)
-    del caches
-    while rows:
-        logits = backend.decode(torch.tensor(last, dtype=torch.long).view(-1, 1), cache)
-        events, keep = emit(rows, logits)
-        yield from events
-        if len(keep) < len(rows):
-            if keep:
-                cache = cache.select(keep)
-            rows = [rows[i] for i in keep]
-        last = [events[i].token for i in keep]
+        scheduler.submit(Request(ids, max_new_tokens, params, stops, None if seed is None else seed + r), rid=r)
+    return scheduler.run()
+
+
+# ============================================================================ the loop
+@dataclass(frozen=True)
+class Request:
+    """One sequence to generate: prompt ids, limits, sampling and the seed of its own generator."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = SamplingParams()
+    stop_tokens: frozenset[int] = frozenset()
+    seed: int | None = None
+
+
+@dataclass
+class _Seq:
+    rid: Any
+    request: Request
+    generator: torch.Generator | None
+    cache: KVCache | None = None  # own cache while its prompt is prefilled
+    fed: int = 0  # prompt tokens prefilled so far
+    count: int = 0  # tokens generated
+    last: int = -1  # the token to feed next
+
+
+class Scheduler:
+    """Continuous batching over one Backend: the one decode loop of hatrt (CLI and server).
+
+    Requests join the running batch between decode steps: a waiting request is prefilled alone
+    in chunks of `prefill_chunk` tokens, ONE chunk per iteration while other rows are decoding (a
+    long prompt stalls running streams by at most one chunk), and its cache is merged into the
+    batch cache (KVCache.merge) when its prompt is done. Rows leave when they finish or are
+    cancelled (KVCache.select). At most `max_batch` sequences are admitted at a time (None: all).
+
+    `submit` and `cancel` may be called from any thread; `step` (one iteration: at most one
+    prefill chunk, then one decode step of the running rows) from one thread at a time.
+    Results do not depend on batching: each row is computed from its own cache and position, and
+    each request samples with its own generator.
+
+    isolate_errors (the server): an exception in a prefill chunk or a decode step fails only the
+    requests of that step (the prompt being prefilled, or every running row), each with an ERROR
+    event, and the scheduler goes on with the others; default: the exception propagates."""
+
+    def __init__(self, backend: Backend, *, max_batch: int | None = None, prefill_chunk: int | None = None,
+                 isolate_errors: bool = False):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend, self.max_batch = backend, max_batch
+        self.isolate_errors = isolate_errors
+        self.prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else int(prefill_chunk)
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self._lock = threading.Lock()
+        self._inbox: list[_Seq] = []
+        self._cancelled: set = set()
+        self.waiting: list[_Seq] = []  # admitted in order; the first one is being prefilled
+        self.running: list[_Seq] = []  # rows of self.cache, in order
+        self.cache: KVCache | None = None
+        self._next_id = 0
+
+    # -- any thread --------------------------------------------------------------------------
+    def submit(self, request: Request, rid: Any = None) -> Any:
+        """Queue a request (checked here; ValueError if bad). Returns its id (events carry it as `row`)."""
+        _check_prompts(self.backend, [request.prompt], request.max_new_tokens)
+        if request.max_new_tokens < 1:
+            raise ValueError("a request must ask for at least one new token (max_new_tokens >= 1)")
+        gen = None if request.params.greedy else torch.Generator().manual_seed(
+            request.seed if request.seed is not None else random.SystemRandom().randrange(2**62))
+        with self._lock:
+            if rid is None:
+                rid, self._next_id = self._next_id, self._next_id + 1
+            self._inbox.append(_Seq(rid, request, gen))
+        return rid
+
+    def cancel(self, rid: Any) -> None:
+        """Drop a request wherever it is (its cache rows are freed at the next step)."""
+        with self._lock:
+            self._cancelled.add(rid)
+
+    @property
+    def pending(self) -> int:
+        """Requests not finished: queued, being prefilled or decoding."""
+        with self._lock:
+            return len(self._inbox) + len(self.waiting) + len(self.running)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    # -- the loop thread ----------------------------------------------------------------------
+    def run(self) -> Iterator[TokenEvent]:
+        """Step until every submitted request is done, yielding events as they come."""
+        while self.pending:
+            yield from self.step()
+
+    def step(self) -> list[TokenEvent]:
+        """One iteration: take new and cancelled requests in, feed one prefill chunk (if a prompt
+        is waiting), then one decode step of the running rows. Returns the tokens produced."""
+        with self._lock:
+            self.waiting += self._inbox
+            self._inbox = []
+            cancelled, self._cancelled = self._cancelled, set()
+        if cancelled:
+            self.waiting = [s for s in self.waiting if s.rid not in cancelled]
+            self._drop([i for i, s in enumerate(self.running) if s.rid in cancelled])
+        events: list[TokenEvent] = []
+        if self.waiting and (self.max_batch is None or len(self.running) < self.max_batch):
+            seq = self.waiting[0]
+            try:
+                events += self._prefill_chunk(seq)
+            except Exception as e:
+                if not self.isolate_errors:
+                    raise
+                self.waiting = [s for s in self.waiting if s is not seq]
+                self.running = [s for s in self.running if s is not seq]  # (merge failed: not in the cache)
+                seq.cache = None
+                events.append(self._failed(seq, e))
+        if self.running:
+            try:
+                events += self._decode()
+            except Exception as e:
+                if not self.isolate_errors:
+                    raise
+                events += [self._failed(s, e) for s in self.running]  # the batch cache may be half-updated
+                self.running, self.cache = [], None
+        return events
+
+    @staticmethod
+    def _failed(seq: _Seq, exc: Exception) -> TokenEvent:
+        return TokenEvent(seq.rid, -1, seq.count, ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _prefill_chunk(self, seq: _Seq) -> list[TokenEvent]:
+        prompt = seq.request.prompt
+        if seq.cache is None:
+            seq.cache = self.backend.new_cache(1)
+        part = prompt[seq.fed:seq.fed + self.prefill_chunk]
+        logits = self.backend.step(torch.tensor([part], dtype=torch.long), seq.cache)
+        seq.fed += len(part)
+        if seq.fed < len(prompt):
+            return []
+        self.waiting.pop(0)
+        event = self._emit([seq], logits)[0]
+        if event.finish_reason is None:  # join the running batch
+            self.cache = seq.cache if self.cache is None else KVCache.merge([self.cache, seq.cache])
+            self.running.append(seq)
+        seq.cache = None
+        return [event]
+
+    def _decode(self) -> list[TokenEvent]:
+        ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
+        logits = self.backend.decode(ids, self.cache)
+        events = self._emit(self.running, logits)
+        self._drop([i for i, e in enumerate(events) if e.finish_reason is not None])
+        return events
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample the next token of each row; events with the finish reason where a row ends."""
+        rows = logits[:, -1].float().cpu()
+        greedy = rows.argmax(-1).tolist()
+        events = []
+        for i, seq in enumerate(seqs):
+            req = seq.request
+            t = greedy[i] if req.params.greedy else int(sample(rows[i:i + 1], req.params, [seq.generator])[0])
+            seq.count += 1
+            seq.last = t
+            reason = STOP if t in req.stop_tokens else LENGTH if seq.count >= req.max_new_tokens else None
+            events.append(TokenEvent(seq.rid, t, seq.count - 1, reason))
+        return events
+
+    def _drop(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        gone = set(rows)
+        keep = [i for i in range(len(self.running)) if i not in gone]
+        self.running = [self.running[i] for i in keep]
+        self.cache = self.cache.select(keep) if keep and self.cache is not None else None
 
 
 def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] | None = None, seed: int | None = None,
-             prefill_chunk: int | None = None,
+             prefill_chunk: int | None = None, max_batch: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> list[GenerationResult]:
     """Generate up to max_new_tokens for each prompt; on_token(row, token) streams them as made.
     stop_tokens None: the model's EOS; () generates to max_new_tokens."""
     events = stream(backend, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk)
+                    top_p=top_p, stop_tokens=stop_tokens, seed=seed, prefill_chunk=prefill_chunk,
+                    max_batch=max_batch)
     results = [GenerationResult([], LENGTH, len(p)) for p in _check_prompts(backend, prompts, max_new_tokens)]
     for event in events:
         results[event.row].tokens.append(event.token)
@@ -208,5 +353,5 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], *, max_new_toke
     return results
 
 
-__all__ = ["GenerationResult", "LENGTH", "STOP", "SamplingParams", "TokenEvent", "default_stop_tokens",
-           "filter_logits", "generate", "sample", "stream"]
+__all__ = ["ERROR", "GenerationResult", "LENGTH", "Request", "STOP", "SamplingParams", "Scheduler", "TokenEvent",
+           "default_stop_tokens", "filter_logits", "generate", "sample", "stream"]
