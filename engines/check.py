@@ -426,7 +426,12 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     artifact_dir = Path(artifact_dir)
     where = artifact_dir / MANIFEST
     try:
-        manifest = read_manifest(artifact_dir, verify="none")
+        if backend == "tensorrt":  # an engine folder: the export manifest it carries
+            from .tensorrt_build import engine_export_manifest, read_engine_manifest
+
+            manifest = engine_export_manifest(read_engine_manifest(artifact_dir, verify="none"))
+        else:
+            manifest = read_manifest(artifact_dir, verify="none")
     except BackendError as e:
         raise CheckError(str(e)) from None
     dtype, quant_sim = manifest["dtype"], bool(manifest.get("quant_sim", False))

@@ -188,9 +188,10 @@ class TokenIds(click.ParamType):
 
 @main.command()
 @click.argument("source", metavar="SOURCE")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True,
               help="torch: the reference model (SOURCE a preset, checkpoint or export directory); "
-                   "onnxruntime: the exported graphs (SOURCE an export directory).")
+                   "onnxruntime: the exported graph (SOURCE an export directory); "
+                   "tensorrt: an engine (SOURCE a hatrt build folder).")
 @click.option("--prompt", "text_prompts", metavar="TEXT", multiple=True,
               help="A text prompt, tokenized with SOURCE's tokenizer (BOS in front): TEXT, @FILE or - (stdin). "
                    "Repeat for a batch. Output is text.")
@@ -252,7 +253,7 @@ def generate(source: str, backend: str, text_prompts: tuple[str, ...], prompts: 
         if empty:
             raise click.BadParameter(f"prompt {empty[0]} is empty (and the model has no BOS token to start from)",
                                      param_hint="'--prompt'")
-    if backend == "onnxruntime" and dtype is not None:
+    if backend in ("onnxruntime", "tensorrt") and dtype is not None:
         raise click.BadParameter("the onnxruntime backend runs the export's dtype; drop --dtype",
                                  param_hint="'--dtype'")
     try:
@@ -343,7 +344,7 @@ def generate(source: str, backend: str, text_prompts: tuple[str, ...], prompts: 
 @click.option("--no-bos", is_flag=True, help="--prompt: do not put the model's BOS token in front.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=128, show_default=True,
               help="Prefill chunk: prompts are fed in chunks of this many tokens.")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="The backend checked against the reference.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the random prompts.")
 @click.option("--rtol", type=click.FloatRange(min=0.0), default=None,
@@ -391,7 +392,7 @@ def check_command(artifact_dir: str, steps: int, prompts: tuple[list[int], ...],
 @click.argument("source", metavar="SOURCE")
 @click.option("--text", "text_path", required=True, metavar="FILE",
               help="The UTF-8 text to score (a file, or - for standard input).")
-@click.option("--backend", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+@click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]), default="torch", show_default=True,
               help="torch: the reference model (SOURCE a checkpoint or export directory); "
                    "onnxruntime: the exported graph (SOURCE an export directory).")
 @click.option("--context", type=TokenCount(), default=None,
@@ -419,7 +420,7 @@ def eval_command(source: str, text_path: str, backend: str, context: int | None,
     from engines.evaluate import DEFAULT_CONTEXT, EvalError, evaluate_text
     from engines.text import TokenizerError, load_tokenizer
 
-    if backend == "onnxruntime" and dtype is not None:
+    if backend in ("onnxruntime", "tensorrt") and dtype is not None:
         raise click.BadParameter("the onnxruntime backend runs the export's dtype; drop --dtype",
                                  param_hint="'--dtype'")
     try:
@@ -515,6 +516,16 @@ def quantize_command(export_dir: str, out_dir: str, precision: str, calib: str |
                f"max {q['weight_error']['max']:.2%} at {q['weight_error']['max_at']}); "
                f"calibration: {q['calibration']['tokens']} tokens, {q['calibration']['source']}")
     click.echo(f"wrote {out_dir} (recipe sha256 {q['recipe_sha256'][:16]})")
+
+
+def _add_optional_commands() -> None:
+    """Commands in their own modules (they import nothing heavy until they run)."""
+    from engines.tensorrt_cli import build_cmd
+
+    main.add_command(build_cmd)
+
+
+_add_optional_commands()
 
 
 if __name__ == "__main__":
