@@ -19,6 +19,14 @@ plugin field names.
     hatrt::HybridSparseAttention(q, q_pos, window_kv, window_pos, entries, entry_idx, sink, *,
                                  window: int, scale: float) -> [B, S, H, D] in q's dtype
         (ops.sparse_attention).
+    hatrt::RoutedExperts(x, expert_idx, expert_weights, w1, w3, w2, *, swiglu_limit: float = 0.0)
+        -> float32 [T, d]: the routed experts of a MoE layer, sum_j expert_weights[t, j] *
+        FFN_{expert_idx[t, j]}(x[t]) with FFN_e(x) = w2[e] (silu(min(w1[e] x, L)) * clamp(w3[e] x,
+        -L, L)) (no clamp when swiglu_limit == 0). x [T, d]; expert_idx [T, k] (int); expert_weights
+        [T, k] (the router's final weights); w1, w3 [E, I, d]; w2 [E, d, I] (nn.Linear layout,
+        stacked). Repeated picks add up; indices outside [0, E) contribute nothing. The routing
+        itself stays in the graph (docs/moe.md). Eager kernel: routed_experts_reference below, the
+        loop of exporter/model.py MoE.forward.
 
 ``quant``: 0 none, 1 FP8 e4m3 (main KV entries), 2 FP4 e2m1 after a Hadamard (indexer keys).
 All ops need N >= 1 compressed blocks for the two compressors (ops.compress_blocks does too);
@@ -111,6 +119,54 @@ def _(q, q_pos, window_kv, window_pos, entries, entry_idx, sink, *, window, scal
     return torch.empty_like(q)
 
 
+# --------------------------------------------------------------------------- routed experts
+def routed_experts_reference(x: torch.Tensor, expert_idx: torch.Tensor, expert_weights: torch.Tensor,
+                             w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, swiglu_limit: float = 0.0
+                             ) -> torch.Tensor:
+    """The eager MoE loop of exporter/model.py (MoE.forward, Expert.forward) on stacked weights.
+
+    Only the experts some token picked run, each on its tokens; outputs are weighted in fp32 and
+    index_add-ed in the order of the sorted expert ids, so this equals the reference loop bit for
+    bit (weights are cast to x's dtype as Linear does). Picks outside [0, E) are skipped."""
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+    idx = expert_idx.long()
+    n_experts = w1.shape[0]
+    for e in idx.unique().tolist():
+        if not 0 <= e < n_experts:
+            continue
+        tok, slot = torch.where(idx == e)
+        xe = x[tok]
+        gate = torch.nn.functional.linear(xe, w1[e].to(x.dtype))
+        up = torch.nn.functional.linear(xe, w3[e].to(x.dtype))
+        if swiglu_limit:
+            gate, up = gate.clamp(max=swiglu_limit), up.clamp(-swiglu_limit, swiglu_limit)
+        y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e].to(x.dtype))
+        out.index_add_(0, tok, y.float() * expert_weights[tok, slot, None])
+    return out
+
+
+def _check_routed_experts(x, expert_idx, expert_weights, w1, w3, w2, swiglu_limit):
+    torch._check(x.dim() == 2, lambda: "x must be [T, d]")
+    torch._check(expert_idx.dim() == 2 and expert_weights.dim() == 2, lambda: "expert_idx / expert_weights: [T, k]")
+    torch._check(w1.dim() == 3 and w3.dim() == 3 and w2.dim() == 3, lambda: "w1, w3 [E, I, d], w2 [E, d, I]")
+    torch._check(not expert_idx.is_floating_point(), lambda: "expert_idx must be an integer tensor")
+    if not swiglu_limit >= 0:
+        raise ValueError(f"swiglu_limit must be >= 0 (0: no clamp), got {swiglu_limit}")
+
+
+@torch.library.custom_op(f"{NAMESPACE}::RoutedExperts", mutates_args=())
+def routed_experts(x: torch.Tensor, expert_idx: torch.Tensor, expert_weights: torch.Tensor, w1: torch.Tensor,
+                   w3: torch.Tensor, w2: torch.Tensor, *, swiglu_limit: float = 0.0) -> torch.Tensor:
+    _check_routed_experts(x, expert_idx, expert_weights, w1, w3, w2, swiglu_limit)
+    return routed_experts_reference(x, expert_idx, expert_weights, w1, w3, w2, swiglu_limit)
+
+
+@routed_experts.register_fake
+def _(x, expert_idx, expert_weights, w1, w3, w2, *, swiglu_limit=0.0):
+    _check_routed_experts(x, expert_idx, expert_weights, w1, w3, w2, swiglu_limit)
+    return x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------- conveniences
 def compress(kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None, prev_score: torch.Tensor | None,
              norm_weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, eps: float,
@@ -129,6 +185,7 @@ OPS = {
     "OverlapGatedCompress": torch.ops.hatrt.OverlapGatedCompress.default,
     "IndexerTopK": torch.ops.hatrt.IndexerTopK.default,
     "HybridSparseAttention": torch.ops.hatrt.HybridSparseAttention.default,
+    "RoutedExperts": torch.ops.hatrt.RoutedExperts.default,
 }
 """ONNX op_type -> torch OpOverload, for every op of the domain."""
 

@@ -164,11 +164,8 @@ def _export_step(model: Transformer, per_layer: bool, path: Path, trt_path: Path
     proto = onnx.load(str(path), load_external_data=False)
     _name_dims(proto, contract.step_dims(model.config, wrapper.layout, per_layer))
     onnx.save(proto, str(path), save_as_external_data=False) if not big else onnx.save(proto, str(path))
-    twin = onnx_ops.strip_functions(onnx.load(str(path), load_external_data=not big))
-    if big:
-        onnx.save(twin, str(trt_path), save_as_external_data=True, location=trt_path.name + ".data")
-    else:
-        onnx.save(twin, str(trt_path))
+    # the TensorRT twin: functions stripped, constant-folded, rewritten for the parser (exporter/trt_lint.py)
+    onnx_ops.save_trt_twin(path, trt_path, big=big)
     return {"file": path.name, "trt_file": trt_path.name, **_io_specs(proto)}
 
 

@@ -314,17 +314,19 @@ class MoE(nn.Module):
         weights, idx = self.gate(flat, input_ids.reshape(-1))
         out = torch.zeros_like(flat, dtype=torch.float32)
         if torch.compiler.is_exporting():
-            # A graph cannot branch on routing: run every expert on every token, weighted by a
-            # dense routing matrix that is zero where the token did not pick the expert. It is a
-            # one-hot sum, not a scatter: a token may pick one expert twice (transformers writes an
-            # all-zero tid2eid), and like the eager loop the picks must add up (a scatter keeps one
-            # of them, and ONNX ScatterElements leaves duplicate indices undefined). Exports as
-            # Equal + Cast + Mul + ReduceSum.
-            experts = torch.arange(len(self.experts), device=x.device)
-            one_hot = (idx.unsqueeze(-1) == experts).to(weights.dtype)  # [T, k, E]
-            dense = (one_hot * weights.unsqueeze(-1)).sum(1)  # [T, E]
-            for e, expert in enumerate(self.experts):
-                out = out + expert(flat).float() * dense[:, e:e + 1]
+            # The routed experts as ONE hatrt::RoutedExperts node (exporter/custom_ops.py,
+            # docs/moe.md): the routing above stays standard ops, the expert GEMMs become one node
+            # that TensorRT runs sparsely (plugins/routed_experts: a grouped GEMM over the picked
+            # experts only) and ONNX Runtime through its dense function body (every expert on every
+            # token, weighted by a one-hot sum of the picks, so a repeated pick adds up as here).
+            from . import custom_ops
+
+            dt = flat.dtype
+            w1 = torch.stack([ex.w1.weight for ex in self.experts]).to(dt)  # [E, I, d]
+            w3 = torch.stack([ex.w3.weight for ex in self.experts]).to(dt)  # [E, I, d]
+            w2 = torch.stack([ex.w2.weight for ex in self.experts]).to(dt)  # [E, d, I]
+            out = custom_ops.routed_experts(flat, idx, weights, w1, w3, w2,
+                                            swiglu_limit=float(self.experts[0].limit or 0.0))
         else:
             for e in idx.unique().tolist():  # only the experts some token picked
                 tok, slot = torch.where(idx == e)

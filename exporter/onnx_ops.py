@@ -23,7 +23,9 @@ Three pieces:
 
 Function attributes: GatedCompress / OverlapGatedCompress ``eps`` (float, required), ``quant``
 (int, default 0); IndexerTopK ``ratio``, ``topk`` (int, required), ``bf16_scores`` (int 0/1,
-default 0); HybridSparseAttention ``window`` (int), ``scale`` (float), both required. Every
+default 0); HybridSparseAttention ``window`` (int), ``scale`` (float), both required;
+RoutedExperts ``swiglu_limit`` (float, default 0 = no clamp; its body is dense: every expert on
+every token, weighted by the one-hot sum of the picks, see docs/moe.md). Every
 function also declares ``plugin_namespace`` / ``plugin_version`` (strings, defaults "hatrt"/"1").
 
 Known numeric differences to the torch reference: summation order inside MatMul / ReduceSum /
@@ -81,11 +83,13 @@ SIGNATURES: dict[str, tuple[list[str], str, dict[str, tuple[Any, Any]]]] = {
                     {"ratio": (_A.INT, None), "topk": (_A.INT, None), "bf16_scores": (_A.INT, 0)}),
     "HybridSparseAttention": (["q", "q_pos", "window_kv", "window_pos", "entries", "entry_idx", "sink"], "out",
                               {"window": (_A.INT, None), "scale": (_A.FLOAT, None)}),
+    "RoutedExperts": (["x", "expert_idx", "expert_weights", "w1", "w3", "w2"], "out",
+                      {"swiglu_limit": (_A.FLOAT, 0.0)}),
 }
 _PLUGIN_ATTRS = {"plugin_namespace": (_A.STRING, PLUGIN_NAMESPACE), "plugin_version": (_A.STRING, PLUGIN_VERSION)}
-_INT_INPUTS = {"q_pos", "window_pos", "entry_idx"}
+_INT_INPUTS = {"q_pos", "window_pos", "entry_idx", "expert_idx"}
 _OUTPUT_TYPES = {"GatedCompress": "tensor(float)", "OverlapGatedCompress": "tensor(float)",
-                 "IndexerTopK": "tensor(int64)", "HybridSparseAttention": "T_q"}
+                 "IndexerTopK": "tensor(int64)", "HybridSparseAttention": "T_q", "RoutedExperts": "tensor(float)"}
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
 _INT_TYPES = ["tensor(int64)", "tensor(int32)"]
 
@@ -143,11 +147,18 @@ def _tr_hybrid_sparse_attention(q, q_pos, window_kv, window_pos, entries, entry_
                  window=int(window), scale=float(scale))
 
 
+def _tr_routed_experts(x, expert_idx, expert_weights, w1, w3, w2, *, swiglu_limit=0.0):
+    if not float(swiglu_limit) >= 0:
+        raise ValueError(f"RoutedExperts needs swiglu_limit >= 0 (0: no clamp), got {swiglu_limit}")
+    return _emit("RoutedExperts", x, expert_idx, expert_weights, w1, w3, w2, swiglu_limit=float(swiglu_limit))
+
+
 CUSTOM_TRANSLATION_TABLE = {
     OPS["GatedCompress"]: _tr_gated_compress,
     OPS["OverlapGatedCompress"]: _tr_overlap_gated_compress,
     OPS["IndexerTopK"]: _tr_indexer_topk,
     OPS["HybridSparseAttention"]: _tr_hybrid_sparse_attention,
+    OPS["RoutedExperts"]: _tr_routed_experts,
 }
 """Pass as torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)."""
 
@@ -413,11 +424,35 @@ def _body_hybrid_sparse_attention(b: _Body) -> str:
     return b.op("CastLike", out, "q")
 
 
+def _body_routed_experts(b: _Body) -> str:
+    """Dense: every expert on every token ([E, T, .] batched MatMuls), then the sum over experts
+    weighted by the one-hot sum of the picks ([T, E]; repeated picks add up, indices outside
+    [0, E) match no expert). fp32 math; the clamp bound is +inf when swiglu_limit == 0."""
+    x = b.op("Unsqueeze", _f32(b, "x"), b.ints(0))  # [1, T, d]
+    w1, w3, w2 = (b.op("Transpose", _f32(b, w), perm=[0, 2, 1]) for w in ("w1", "w3", "w2"))
+    gate = b.op("MatMul", x, w1)  # [E, T, I]
+    up = b.op("MatMul", x, w3)
+    limit = b.attr("swiglu_limit", AttributeProto.FLOAT)
+    bound = b.op("Where", b.op("Greater", limit, b.f0(0.0)), limit, b.f0(math.inf))
+    gate = b.op("Min", gate, bound)
+    up = b.op("Max", b.op("Min", up, bound), b.op("Neg", bound))
+    h = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)
+    y = b.op("MatMul", h, w2)  # [E, T, d]
+    n_experts = b.op("Squeeze", b.op("Shape", "w1", end=1), b.ints(0))
+    experts = b.op("Range", b.int0(0), n_experts, b.int0(1))  # [E]
+    picks = b.op("Equal", b.op("Unsqueeze", _i64(b, "expert_idx"), b.ints(-1)), experts)  # [T, k, E]
+    weighted = b.op("Mul", _f32(b, picks), b.op("Unsqueeze", _f32(b, "expert_weights"), b.ints(-1)))
+    dense = b.op("ReduceSum", weighted, b.ints(1), keepdims=0)  # [T, E]
+    dense = b.op("Unsqueeze", b.op("Transpose", dense, perm=[1, 0]), b.ints(-1))  # [E, T, 1]
+    return b.op("ReduceSum", b.op("Mul", y, dense), b.ints(0), keepdims=0)  # [T, d]
+
+
 _BODIES = {
     "GatedCompress": _body_gated_compress,
     "OverlapGatedCompress": _body_overlap_gated_compress,
     "IndexerTopK": _body_indexer_topk,
     "HybridSparseAttention": _body_hybrid_sparse_attention,
+    "RoutedExperts": _body_routed_experts,
 }
 
 
@@ -549,7 +584,7 @@ def strip_functions(model):
 _EINSUM_LETTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
-def prepare_trt_twin(model, *, base_dir: str | os.PathLike = "") -> onnx.ModelProto:
+def prepare_trt_twin(model, *, base_dir: str | os.PathLike = "", einsum_to_matmul: bool = True) -> onnx.ModelProto:
     """The TensorRT twin of an export: strip_functions, then constant folding and small rewrites.
 
     1. onnxscript's constant folding (it keeps the hatrt nodes and their attributes as they are):
@@ -561,8 +596,9 @@ def prepare_trt_twin(model, *, base_dir: str | os.PathLike = "") -> onnx.ModelPr
        AND/OR/XOR.
     3. Einsum with two operands and one summed label becomes Transpose/Unsqueeze + MatMul (+
        Transpose): TensorRT's IEinsumLayer outputs FLOAT only, which a strongly typed fp16 network
-       cannot use; an Einsum of another form that is not float32 is computed in float32 between
-       Casts.
+       cannot use (and an FP8 DequantizeLinear fuses into a MatMul, not an Einsum); an Einsum of
+       another form that is not float32 is computed in float32 between Casts. With
+       einsum_to_matmul=False only the non-float32 Einsums change (by the Casts).
     4. Every Constant becomes an initializer.
 
     The ONNX Runtime graph is never changed: a ModelProto is copied, an onnx_ir.Model (or
@@ -585,7 +621,7 @@ def prepare_trt_twin(model, *, base_dir: str | os.PathLike = "") -> onnx.ModelPr
                 value.const_value.base_dir = base_dir
     fold_constants_ir(model_ir, onnx_shape_inference=True)
     common_passes.RemoveUnusedNodesPass()(model_ir)
-    changed = _rewrite_bool_equal(model_ir.graph) + _rewrite_einsum(model_ir.graph)
+    changed = _rewrite_bool_equal(model_ir.graph) + _rewrite_einsum(model_ir.graph, einsum_to_matmul)
     if changed:  # fold what the rewrites made foldable (e.g. the Transpose of a small constant)
         fold_constants_ir(model_ir, onnx_shape_inference=False)
         common_passes.RemoveUnusedNodesPass()(model_ir)
@@ -630,6 +666,22 @@ def _ints_initializer(graph, values: list[int], hint: str):
     return value
 
 
+_BOOL_PRODUCERS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN",
+                   "IsInf")
+
+
+def _is_bool(value) -> bool:
+    """A BOOL value: typed so, or (untyped) the output of a comparison or logical op."""
+    import onnx_ir as ir
+
+    if value is None:
+        return False
+    if value.dtype is not None:
+        return value.dtype == ir.DataType.BOOL
+    producer = value.producer()
+    return producer is not None and producer.domain in ("", "ai.onnx") and producer.op_type in _BOOL_PRODUCERS
+
+
 def _rewrite_bool_equal(graph) -> int:
     """Equal(a, b) on BOOL -> Not(Xor(a, b)) (the same truth table). Returns the number rewritten."""
     import onnx_ir as ir
@@ -639,7 +691,7 @@ def _rewrite_bool_equal(graph) -> int:
         if node.op_type != "Equal" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
             continue
         a, b = node.inputs
-        if a is None or b is None or a.dtype != ir.DataType.BOOL or b.dtype != ir.DataType.BOOL:
+        if not (_is_bool(a) and _is_bool(b)):
             continue
         xor = ir.Node("", "Xor", [a, b], name=f"{node.name}_xor")
         neg = ir.Node("", "Not", [xor.outputs[0]], name=f"{node.name}_not")
@@ -695,7 +747,7 @@ def _einsum_plan(equation: str):
     return perm_a, unsq_a, perm_b, unsq_b, perm_out
 
 
-def _rewrite_einsum(graph) -> int:
+def _rewrite_einsum(graph, to_matmul: bool = True) -> int:
     """Einsum -> MatMul where _einsum_plan applies; other non-float32 Einsums get float32 Casts."""
     import onnx_ir as ir
 
@@ -704,7 +756,7 @@ def _rewrite_einsum(graph) -> int:
         if node.op_type != "Einsum" or node.domain not in ("", "ai.onnx"):
             continue
         attr = node.attributes.get("equation")
-        plan = _einsum_plan(attr.value) if attr is not None and len(node.inputs) == 2 else None
+        plan = _einsum_plan(attr.value) if to_matmul and attr is not None and len(node.inputs) == 2 else None
         y = node.outputs[0]
         if plan is not None:
             perm_a, unsq_a, perm_b, unsq_b, perm_out = plan

@@ -30,7 +30,7 @@ import kernels_ext
 
 CXX, EMU_FLAGS = kernels_ext.CXX, kernels_ext.EMU_FLAGS
 WHY = kernels_ext.emulator_available()
-TRT_INCLUDE = Path(os.environ.get("TENSORRT_INCLUDE_DIR", ROOT / "third_party" / "TensorRT" / "include"))
+TRT_INCLUDE = kernels_ext.tensorrt_include_dir()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=WHY or "")
 
 

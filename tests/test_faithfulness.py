@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter import preset
+from exporter import onnx_ops, preset
 from exporter.config import Yarn
 from exporter.model import MoE, Transformer
 from exporter.quant import (_E2M1, _E2M1_EDGES, _E2M1_TIE_UP, fake_quant_fp4, fake_quant_fp8, hadamard, pow2_scale,
@@ -34,8 +34,9 @@ def _onnx_export(module: torch.nn.Module, args: tuple, dynamic_shapes, path) -> 
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-                                    verbose=False, report=False)
+        # the hatrt translations: the export branch of MoE is one hatrt RoutedExperts node
+        program = onnx_ops.export(module, args, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+                                  verbose=False, report=False)
     program.save(str(path))
 
 

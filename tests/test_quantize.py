@@ -95,6 +95,9 @@ def test_graph_has_fusable_qdq_and_fp8_weights(fp8_export):
     assert "model.head.weight" in inits
     twin = onnx.load(str(fp8_export / "step.trt.onnx"))
     assert not twin.functions and any(n.op_type == "QuantizeLinear" for n in twin.graph.node)
+    from exporter.trt_lint import errors, lint
+
+    assert errors(lint(twin)) == []  # the FP8 twin is prepared for TensorRT's parser like any twin
 
 
 def test_manifest_records_the_recipe(fp8_export, flash_export):

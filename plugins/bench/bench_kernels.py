@@ -25,6 +25,9 @@ Cases (decode, one query token per sequence, unless named prefill):
 * compress_kv / compress_index: compressor step (fp32 projections in) fused with the cache write
   (584-byte entry / 68-byte FP4 key): decode (one new entry per sequence) and a 128K-token prefill.
 * kv_write: quantizing bf16 vectors into 584-byte entries (decode window tokens, 128K prefill).
+* routed_experts: the MoE routed experts (RoutedExperts, bf16: tensor cores) at V4-Flash shapes (256 bf16
+  experts, 6 picks, d 4096, I 2048), decode batches and a 1024-token prefill; bytes = the touched
+  experts' weights read once.
 """
 
 from __future__ import annotations
@@ -214,6 +217,27 @@ def bench_kv_write(ext, rows, n, label):
     row(rows, "kv_write", f"bf16 -> 584 B, {label}", t, n * (D * 2 + 584 + 8), 0.0, "fp32")
 
 
+def bench_routed_experts(ext, rows, model, T, label, E, k, d, I):
+    """RoutedExperts (MoE routed experts, bf16 weights) for T tokens with random picks: the bytes
+    are the touched experts' weights (read once) plus activations, the FLOPs those of the k picks."""
+    x = torch.randn(T, d, device=DEV, dtype=torch.bfloat16)
+    idx = torch.randint(0, E, (T, k), device=DEV)
+    w = torch.rand(T, k, device=DEV)
+    w1 = torch.randn(E, I, d, device=DEV, dtype=torch.bfloat16)
+    w3 = torch.randn(E, I, d, device=DEV, dtype=torch.bfloat16)
+    w2 = torch.randn(E, d, I, device=DEV, dtype=torch.bfloat16)
+    out = torch.empty(T, d, device=DEV)
+
+    def run():
+        ext.routed_experts(out, x, idx, w, w1, w3, w2, 10.0)
+
+    t = timed(run)
+    touched = int(idx.unique().numel())
+    nbytes = touched * 3 * I * d * 2 + x.numel() * 2 + idx.numel() * 12 + out.numel() * 4
+    row(rows, "routed_experts", f"{model} E={E} k={k} {label}", t, nbytes, 6.0 * T * k * I * d, "bf16")
+    del w1, w3, w2
+
+
 # ------------------------------------------------------------------------------ report
 def derive(rows, ceil):
     for r in rows:
@@ -237,7 +261,8 @@ def plot(rows, meta, path: Path) -> None:
 
     groups = {"sparse attention": [r for r in rows if r["kernel"].startswith("attention")],
               "indexer + top-k": [r for r in rows if r["kernel"].startswith("indexer")],
-              "compressor / KV write": [r for r in rows if r["kernel"].startswith(("compress", "kv_write"))]}
+              "compressor / KV write": [r for r in rows if r["kernel"].startswith(("compress", "kv_write"))],
+              "routed experts (MoE)": [r for r in rows if r["kernel"].startswith("routed")]}
     groups = {k: v for k, v in groups.items() if v}
     heights = [max(2.0, 0.22 * len(v) + 0.8) for v in groups.values()]
     fig, axes = plt.subplots(len(groups), 1, figsize=(11, sum(heights)), squeeze=False,
@@ -327,6 +352,11 @@ def main():
     bench_compress(ext, rows, "index", "CSA", 1, prefill // 4, label)
     bench_kv_write(ext, rows, batches[-1], f"decode B={batches[-1]}")
     bench_kv_write(ext, rows, prefill, label)
+    moe = dict(E=8, k=2, d=64, I=32) if SMOKE else dict(E=256, k=6, d=4096, I=2048)  # V4-Flash experts
+    for B in batches:
+        bench_routed_experts(ext, rows, "V4-Flash", B, f"decode B={B}", **moe)
+    moe_prefill = 16 if SMOKE else 1024
+    bench_routed_experts(ext, rows, "V4-Flash", moe_prefill, f"prefill {moe_prefill} tokens", **moe)
 
     derive(rows, ceil)
     meta = dict(device=device, sms=sms, torch=torch.__version__, copy_GB_s=ceil["copy_Bps"] / 1e9,

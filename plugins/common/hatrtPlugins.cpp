@@ -5,6 +5,7 @@
 #include "../hybrid_sparse_attention/hybridSparseAttentionPlugin.h"
 #include "../indexer_topk/indexerTopKPlugin.h"
 #include "../overlap_gated_compress/overlapGatedCompressPlugin.h"
+#include "../routed_experts/routedExpertsPlugin.h"
 #include "hatrtPluginCommon.h"
 
 #define HATRT_PLUGIN_API extern "C" __attribute__((visibility("default")))
@@ -20,8 +21,9 @@ HATRT_PLUGIN_API nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& 
     static hatrt::plugin::OverlapGatedCompressPluginCreator overlapGatedCompress;
     static hatrt::plugin::IndexerTopKPluginCreator indexerTopK;
     static hatrt::plugin::HybridSparseAttentionPluginCreator hybridSparseAttention;
+    static hatrt::plugin::RoutedExpertsPluginCreator routedExperts;
     static nvinfer1::IPluginCreatorInterface* const creators[] = {
-        &gatedCompress, &overlapGatedCompress, &indexerTopK, &hybridSparseAttention};
+        &gatedCompress, &overlapGatedCompress, &indexerTopK, &hybridSparseAttention, &routedExperts};
     nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
     return creators;
 }

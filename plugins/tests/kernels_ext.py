@@ -36,6 +36,18 @@ EMU_FLAGS = ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-
              f"-I{EMU}", f"-I{CSRC / 'include'}"]
 
 
+def tensorrt_include_dir() -> Path:
+    """The public TensorRT headers: $TENSORRT_INCLUDE_DIR, else third_party/TensorRT/include in the
+    repository (a hand-fetched copy), else the shared/ folder beside the checkout (CI has it there)."""
+    env = os.environ.get("TENSORRT_INCLUDE_DIR")
+    if env:
+        return Path(env)
+    for cand in (ROOT / "third_party" / "TensorRT" / "include", ROOT.parent / "shared" / "third_party" / "TensorRT" / "include"):
+        if (cand / "NvInferRuntime.h").exists():
+            return cand
+    return ROOT / "third_party" / "TensorRT" / "include"
+
+
 def run_checked(cmd: list, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a build or test command; fail (AssertionError, for the tests) with its output unless it exits 0."""
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, check=False)

@@ -199,11 +199,12 @@ void cpuChecks()
 {
     int32_t n = 0;
     getCreators(n);
-    CHECK(n == 4, "four creators");
+    CHECK(n == 5, "five creators");
     checkCreator("GatedCompress", {"eps", "quant"});
     checkCreator("OverlapGatedCompress", {"eps", "quant"});
     checkCreator("IndexerTopK", {"ratio", "topk", "bf16_scores"});
     checkCreator("HybridSparseAttention", {"window", "scale"});
+    checkCreator("RoutedExperts", {"swiglu_limit"});
 
     // invalid fields are refused with a message
     int const errors0 = gLogger.errors;
@@ -213,7 +214,47 @@ void cpuChecks()
     CHECK(create("IndexerTopK", Fields().i("topk", 8)) == nullptr, "IndexerTopK without ratio");
     CHECK(create("IndexerTopK", Fields().i("ratio", 4).i("topk", 8).i("bf16_scores", 2)) == nullptr, "bf16 2");
     CHECK(create("HybridSparseAttention", Fields().fl("scale", 0.1F)) == nullptr, "attention without window");
-    CHECK(gLogger.errors - errors0 == 6, "each refused plugin logged an error");
+    CHECK(create("RoutedExperts", Fields().fl("swiglu_limit", -1.F)) == nullptr, "negative swiglu_limit");
+    CHECK(gLogger.errors - errors0 == 7, "each refused plugin logged an error");
+
+    // RoutedExperts
+    {
+        IPluginV3* p = create("RoutedExperts", Fields().fl("swiglu_limit", 10.F));
+        IPluginV3* q = create("RoutedExperts", Fields()); // swiglu_limit defaults to 0 (no clamp)
+        CHECK(p != nullptr && q != nullptr, "create RoutedExperts (with and without swiglu_limit)");
+        delete q;
+        if (p)
+        {
+            std::vector<DataType> in = {DataType::kBF16, DataType::kINT64, DataType::kFLOAT, DataType::kBF16,
+                DataType::kBF16, DataType::kBF16};
+            DataType outT{};
+            CHECK(build(p)->getOutputDataTypes(&outT, 1, in.data(), 6) == 0 && outT == DataType::kFLOAT,
+                "RoutedExperts: output float32");
+            std::vector<DynamicPluginTensorDesc> io = {ddesc(DataType::kBF16, {7, 64}), ddesc(DataType::kINT64, {7, 6}),
+                ddesc(DataType::kFLOAT, {7, 6}), ddesc(DataType::kBF16, {16, 32, 64}), ddesc(DataType::kBF16, {16, 32, 64}),
+                ddesc(DataType::kBF16, {16, 64, 32}), ddesc(DataType::kFLOAT, {7, 64})};
+            CHECK(accepts(p, io, 6, 6, DataType::kFLOAT) && !accepts(p, io, 6, 6, DataType::kBF16),
+                "RoutedExperts: float32 output only");
+            CHECK(accepts(p, io, 6, 1, DataType::kINT32) && !accepts(p, io, 6, 1, DataType::kFLOAT),
+                "RoutedExperts: expert_idx int32/int64 only");
+            CHECK(accepts(p, io, 6, 0, DataType::kHALF) && accepts(p, io, 6, 3, DataType::kFLOAT)
+                    && !accepts(p, io, 6, 2, DataType::kINT64),
+                "RoutedExperts: float inputs float32/float16/bfloat16");
+            CHECK(build(p)->configurePlugin(io.data(), 6, io.data() + 6, 1) == 0, "RoutedExperts: configure");
+            CHECK(build(p)->getWorkspaceSize(io.data(), 6, io.data() + 6, 1)
+                    >= size_t(7 * 6) * (32 + 64) * sizeof(float),
+                "RoutedExperts: workspace holds the intermediates");
+            auto bad = io;
+            bad[5].desc.dims = dims({16, 64, 16}); // w2's I != w1's
+            CHECK(build(p)->configurePlugin(bad.data(), 6, bad.data() + 6, 1) != 0, "RoutedExperts: w2 shape checked");
+            bad = io;
+            bad[2].desc.dims = dims({7, 5});
+            CHECK(build(p)->configurePlugin(bad.data(), 6, bad.data() + 6, 1) != 0,
+                "RoutedExperts: expert_weights shape checked");
+            checkSerialization("RoutedExperts", p);
+            delete p;
+        }
+    }
 
     // GatedCompress / OverlapGatedCompress
     for (bool overlap : {false, true})
@@ -586,6 +627,46 @@ void gpuAttention(bool packed)
     CHECK(finite && o == e, tag + " plugin == launcher");
     delete p;
 }
+void gpuRoutedExperts()
+{
+    // bf16 activations and experts, int64 picks with repeats and one out-of-range pick, fp32 weights
+    int64_t const T = 19, k = 6, E = 16, d = 64, I = 96;
+    Buf x(T * d * 2), idx(T * k * 8), wts(T * k * 4), w1(E * I * d * 2), w3(E * I * d * 2), w2(E * d * I * 2),
+        out(T * d * 4), ref(T * d * 4);
+    std::vector<int64_t> picks(T * k);
+    for (int64_t i = 0; i < T * k; ++i)
+        picks[i] = static_cast<int64_t>((frand() + 1.F) * 0.5F * E) % E;
+    for (int64_t t = 0; t < T; t += 3)
+        picks[t * k + 1] = picks[t * k]; // repeated picks add up
+    picks[5] = E;                        // outside [0, E): skipped
+    x.upload(bf(randf(T * d))), idx.upload(picks), wts.upload(randf(T * k));
+    w1.upload(bf(randf(E * I * d, 0.125F))), w3.upload(bf(randf(E * I * d, 0.125F)));
+    w2.upload(bf(randf(E * d * I, 0.1F)));
+    cudaMemset(out.p, 0xFF, out.bytes); // NaN poison
+    IPluginV3* p = create("RoutedExperts", Fields().fl("swiglu_limit", 0.5F));
+    std::vector<PluginTensorDesc> in = {pdesc(DataType::kBF16, {T, d}), pdesc(DataType::kINT64, {T, k}),
+        pdesc(DataType::kFLOAT, {T, k}), pdesc(DataType::kBF16, {E, I, d}), pdesc(DataType::kBF16, {E, I, d}),
+        pdesc(DataType::kBF16, {E, d, I})};
+    std::vector<void const*> ptrs = {x.p, idx.p, wts.p, w1.p, w3.p, w2.p};
+    CHECK(runPlugin(p, in, ptrs, pdesc(DataType::kFLOAT, {T, d}), out.p) == 0, "RoutedExperts enqueue");
+    hatrt::RoutedExpertsParams c;
+    c.T = T, c.k = int32_t(k), c.E = int32_t(E), c.d = int32_t(d), c.I = int32_t(I), c.swiglu_limit = 0.5F;
+    c.x = x.p, c.x_dtype = hatrt::DType::kBFloat16, c.expert_idx = idx.p, c.expert_weights = wts.p;
+    c.w1 = w1.p, c.w1_dtype = hatrt::DType::kBFloat16, c.w3 = w3.p, c.w3_dtype = hatrt::DType::kBFloat16;
+    c.w2 = w2.p, c.w2_dtype = hatrt::DType::kBFloat16, c.out = static_cast<float*>(ref.p);
+    Buf ws(hatrt::routed_experts_workspace_bytes(T, int32_t(k), int32_t(E), int32_t(d), int32_t(I)));
+    c.workspace = ws.p, c.workspace_bytes = ws.bytes;
+    CUDA_OK(hatrt::routed_experts(c, nullptr));
+    cudaDeviceSynchronize();
+    auto o = out.download<float>(T * d), e = ref.download<float>(T * d);
+    CHECK(allFinite(o) && o == e, "RoutedExperts plugin == launcher");
+    auto bad = in;
+    bad[4] = pdesc(DataType::kBF16, {E, I / 2, d});
+    int const errors0 = gLogger.errors;
+    CHECK(runPlugin(p, bad, ptrs, pdesc(DataType::kFLOAT, {T, d}), out.p) != 0, "RoutedExperts: bad w3 refused");
+    CHECK(gLogger.errors > errors0, "RoutedExperts: bad shape logged");
+    delete p;
+}
 } // namespace
 
 int main()
@@ -603,6 +684,7 @@ int main()
         gpuIndexerPacked();
         gpuAttention(false);
         gpuAttention(true);
+        gpuRoutedExperts();
     }
     else
     {

@@ -494,6 +494,74 @@ def test_sparse_attention(kern):
         assert _rel(out, ref) < tol, f"{msg} rel={_rel(out, ref):.2e}"
 
 
+
+# ----------------------------------------------------------------------------- routed experts
+def _routed_ref():
+    """exporter.custom_ops.routed_experts_reference: the eager kernel of hatrt::RoutedExperts."""
+    _ref()
+    return importlib.import_module("exporter.custom_ops").routed_experts_reference
+
+
+# (T, k, E, d, I, dtype, swiglu_limit, picks): picks "random", "repeated" (a token picks one expert
+# twice), "invalid" (-1 and E among the picks: skipped), "one" (every pick expert 0, as an all-zero
+# tid2eid does: several tiles of one expert)
+ROUTED_CASES = [
+    (13, 2, 8, 64, 32, F32, 10.0, "random"),
+    (1, 6, 16, 64, 96, F32, 10.0, "random"),          # decode; I not a multiple of the tile
+    (37, 6, 16, 72, 40, F32, 0.0, "repeated"),         # d not a multiple of 16; no clamp
+    (21, 3, 5, 48, 24, F32, 0.5, "invalid"),           # the clamp active almost everywhere
+    (40, 2, 8, 64, 32, F32, 10.0, "one"),              # 80 rows of one expert: 3 tiles
+    (70, 2, 4, 64, 32, BF16, 10.0, "random"),
+    (29, 6, 8, 64, 48, F16, 10.0, "repeated"),
+    (9, 4, 6, 32, 16, BF16, 0.0, "invalid"),
+]
+
+
+TINY_ROUTED = (2, 4, 5)  # HATRT_KERNEL_CASES=tiny: edge shapes + repeats, several tiles of one expert, bf16
+
+
+def test_routed_experts(kern):
+    ext, reference = kern.ext, _routed_ref()
+    for i, (T, k, E, d, I, dtype, limit, picks) in enumerate(ROUTED_CASES):
+        if CASES == "tiny" and i not in TINY_ROUTED:
+            continue
+        g, seed = _gen(kern)
+        x = _randn((T, d), g, dtype)
+        idx = _randint(0, E, (T, k), g)
+        if picks == "repeated":
+            idx[::2, 1] = idx[::2, 0]
+        elif picks == "invalid":
+            idx[1, 0], idx[-1, -1] = -1, E
+        elif picks == "one":
+            idx.zero_()
+        w = torch.rand((T, k), generator=g, device=g.device)
+        w1 = (_randn((E, I, d), g) * d ** -0.5).to(dtype)
+        w3 = (_randn((E, I, d), g) * d ** -0.5).to(dtype)
+        w2 = (_randn((E, d, I), g) * I ** -0.5).to(dtype)
+        if limit and limit < 1:  # push gate / up beyond the limit
+            x = (x.float() * 4).to(dtype)
+        ref = reference(x, idx, w, w1, w3, w2, limit)
+        # 16-bit inputs: the tensor-core kernels, and the same case on CUDA cores
+        for tc in ((True, False) if dtype != F32 else (True,)):
+            assert ext.routed_experts_uses_tensor_cores(x, w1, tc) == (tc and dtype != F32)
+            for idx_t in ((idx, idx.int()) if picks == "invalid" else (idx,)):
+                out = torch.full((T, d), float("nan"), device=kern.dev)
+                ext.routed_experts(out, x, idx_t, w, w1, w3, w2, limit, tensor_cores=tc)
+                kern.sync()
+                msg = (f"T={T} k={k} E={E} d={d} I={I} dtype={dtype} limit={limit} picks={picks} "
+                       f"tensor_cores={tc} seed={seed}")
+                assert torch.isfinite(out).all(), msg
+                tol = 1e-5 if dtype == F32 else 1e-2
+                assert _rel(out, ref) < tol, f"{msg} rel={_rel(out, ref):.2e}"
+    # no picks: zero; no tokens: nothing written
+    out = torch.full((3, 16), float("nan"), device=kern.dev)
+    z = torch.zeros((3, 0), device=kern.dev)
+    ext.routed_experts(out, _randn((3, 16), g), z.long(), z, _randn((2, 8, 16), g), _randn((2, 8, 16), g),
+                       _randn((2, 16, 8), g), 10.0)
+    kern.sync()
+    assert (out == 0).all()
+
+
 if __name__ == "__main__":
     name = "emulated" if "--emulate" in sys.argv else "cuda"
     if _skip_reason(name):

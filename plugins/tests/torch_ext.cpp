@@ -267,6 +267,52 @@ void kv_read_584(at::Tensor out, at::Tensor cache, c10::optional<at::Tensor> slo
         hatrt::kv_read_584(out.numel() / 512, cache.data_ptr<uint8_t>(), s, st, out.data_ptr<float>(), stream()));
 }
 
+// out[T, d] float32 <- RoutedExperts (x [T, d], expert_idx / expert_weights [T, k], w1 / w3 [E, I, d],
+// w2 [E, d, I]); workspace_bytes < 0: exactly routed_experts_workspace_bytes.
+void routed_experts(at::Tensor out, at::Tensor x, at::Tensor expert_idx, at::Tensor expert_weights, at::Tensor w1,
+    at::Tensor w3, at::Tensor w2, double swiglu_limit, int64_t workspace_bytes, bool tensor_cores)
+{
+    for (auto* t : {&out, &x, &expert_idx, &expert_weights, &w1, &w3, &w2})
+        check_cuda(*t, "routed_experts input");
+    HATRT_DEVICE_GUARD(x);
+    TORCH_CHECK(x.dim() == 2 && expert_idx.dim() == 2 && expert_weights.sizes() == expert_idx.sizes()
+            && expert_idx.size(0) == x.size(0),
+        "x must be [T, d], expert_idx / expert_weights [T, k]");
+    TORCH_CHECK(w1.dim() == 3 && w3.sizes() == w1.sizes() && w2.dim() == 3 && w2.size(0) == w1.size(0)
+            && w1.size(2) == x.size(1) && w2.size(1) == x.size(1) && w2.size(2) == w1.size(1),
+        "w1, w3 must be [E, I, d], w2 [E, d, I]");
+    TORCH_CHECK(out.scalar_type() == at::kFloat && out.sizes() == x.sizes(), "out must be float32 [T, d]");
+    hatrt::RoutedExpertsParams p;
+    p.T = x.size(0), p.k = int32_t(expert_idx.size(1)), p.E = int32_t(w1.size(0));
+    p.d = int32_t(x.size(1)), p.I = int32_t(w1.size(1));
+    p.swiglu_limit = float(swiglu_limit);
+    p.x = x.data_ptr(), p.x_dtype = fdtype(x);
+    p.expert_idx = expert_idx.data_ptr(), p.expert_idx_type = idtype(expert_idx);
+    p.expert_weights = expert_weights.data_ptr(), p.expert_weights_dtype = fdtype(expert_weights);
+    p.w1 = w1.data_ptr(), p.w1_dtype = fdtype(w1);
+    p.w3 = w3.data_ptr(), p.w3_dtype = fdtype(w3);
+    p.w2 = w2.data_ptr(), p.w2_dtype = fdtype(w2);
+    p.out = out.data_ptr<float>();
+    p.tensor_cores = tensor_cores;
+    size_t const bytes = workspace_bytes < 0 ? hatrt::routed_experts_workspace_bytes(p.T, p.k, p.E, p.d, p.I)
+                                             : size_t(workspace_bytes);
+    at::Tensor ws;
+    if (bytes > 0)
+    {
+        ws = at::empty({int64_t(bytes)}, x.options().dtype(at::kByte));
+        p.workspace = ws.data_ptr(), p.workspace_bytes = bytes;
+    }
+    char const* msg = hatrt::routed_experts_check(p);
+    finish("routed_experts", msg, msg ? cudaSuccess : hatrt::routed_experts(p, stream()));
+}
+
+bool routed_experts_uses_tensor_cores(at::Tensor x, at::Tensor w, bool tensor_cores)
+{
+    hatrt::RoutedExpertsParams p;
+    p.x_dtype = fdtype(x), p.w1_dtype = p.w3_dtype = p.w2_dtype = fdtype(w), p.tensor_cores = tensor_cores;
+    return hatrt::routed_experts_uses_tensor_cores(p);
+}
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
@@ -292,6 +338,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
         py::arg("cache_slot") = py::none());
     m.def("kv_write_584", &kv_write_584, "quantize vectors into 584-byte entries", py::arg("cache"), py::arg("src"),
         py::arg("slot") = py::none());
+    m.def("routed_experts", &routed_experts, "RoutedExperts into out (grouped GEMM over the picked experts)",
+        py::arg("out"), py::arg("x"), py::arg("expert_idx"), py::arg("expert_weights"), py::arg("w1"), py::arg("w3"),
+        py::arg("w2"), py::arg("swiglu_limit") = 0.0, py::arg("workspace_bytes") = -1, py::arg("tensor_cores") = true);
+    m.def("routed_experts_uses_tensor_cores", &routed_experts_uses_tensor_cores,
+        "whether routed_experts runs on the tensor-core kernels (x and all experts of dtype w)", py::arg("x"),
+        py::arg("w"), py::arg("tensor_cores") = true);
     m.def("kv_read_584", &kv_read_584, "dequantize 584-byte entries", py::arg("out"), py::arg("cache"),
         py::arg("slot") = py::none());
 }

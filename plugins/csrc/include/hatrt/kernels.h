@@ -5,6 +5,7 @@
 //   compress()          GatedCompress / OverlapGatedCompress   (ops.compress_blocks)
 //   indexer_topk()      IndexerTopK                            (ops.indexer_topk)
 //   sparse_attention()  HybridSparseAttention                  (ops.sparse_attention)
+//   routed_experts()    RoutedExperts                          (custom_ops.routed_experts_reference)
 // plus the production KV-cache write / read of the 584-byte FP8 entry (attention-spec section 7):
 //   kv_write_584(), kv_read_584().
 //
@@ -13,7 +14,7 @@
 //   64-bit. Float inputs may be float32, float16 or bfloat16 (each input its own type, as in the
 //   ONNX schemas); index inputs int32 or int64.
 // - All arithmetic is fp32. Outputs: compress -> float32, indexer_topk -> int64, sparse_attention
-//   -> the dtype of q.
+//   -> the dtype of q, routed_experts -> float32.
 // - Every launcher validates its parameters first and returns cudaErrorInvalidValue without
 //   launching anything when they are unsupported; *_check() returns the reason as text (nullptr
 //   when the parameters are fine), so callers (the TensorRT plugins) can report it.
@@ -215,6 +216,54 @@ struct CompressParams
 
 char const* compress_check(CompressParams const& p);
 cudaError_t compress(CompressParams const& p, cudaStream_t stream);
+
+// ----------------------------------------------------------------------------- routed experts
+//! RoutedExperts: the routed experts of a MoE layer as a grouped GEMM over the picked experts only,
+//!   out[t] = sum_j expert_weights[t, j] * FFN_{expert_idx[t, j]}(x[t]),
+//!   FFN_e(v) = w2[e] (silu(min(w1[e] v, L)) * clamp(w3[e] v, -L, L))   (no clamp when L == 0).
+//! Repeated picks add up; picks outside [0, E) contribute nothing. Tokens are counting-sorted by
+//! expert, each expert's rows run in BM-row tiles (gate/up GEMM + SwiGLU, then the down GEMM), and
+//! a per-token combine sums the weighted rows in pick order (deterministic, no float atomics).
+struct RoutedExpertsParams
+{
+    int64_t T = 0;           //!< tokens
+    int32_t k = 0;           //!< picks per token (0 allowed: out = 0)
+    int32_t E = 0;           //!< experts
+    int32_t d = 0;           //!< hidden size
+    int32_t I = 0;           //!< expert intermediate size
+    float swiglu_limit = 0.F; //!< L; 0 = no clamp
+
+    void const* x = nullptr;              //!< [T, d]
+    DType x_dtype = DType::kFloat32;
+    void const* expert_idx = nullptr;     //!< [T, k]
+    IndexType expert_idx_type = IndexType::kInt64;
+    void const* expert_weights = nullptr; //!< [T, k] (the router's final weights)
+    DType expert_weights_dtype = DType::kFloat32;
+    void const* w1 = nullptr;             //!< [E, I, d] gate projection (nn.Linear layout)
+    DType w1_dtype = DType::kFloat32;
+    void const* w3 = nullptr;             //!< [E, I, d] up projection
+    DType w3_dtype = DType::kFloat32;
+    void const* w2 = nullptr;             //!< [E, d, I] down projection
+    DType w2_dtype = DType::kFloat32;
+    float* out = nullptr;                 //!< [T, d] float32
+
+    //! Scratch (16-byte aligned), at least routed_experts_workspace_bytes(T, k, E, d, I): the sort,
+    //! the tile table and the fp32 intermediates [T * k, I] and [T * k, d].
+    void* workspace = nullptr;
+    size_t workspace_bytes = 0;
+
+    //! Both GEMMs on tensor cores where they apply (x, w1, w3, w2 all bf16 or all fp16, sm_80+):
+    //! 16-bit products, fp32 accumulation, the SwiGLU output rounded to that type before the down
+    //! projection. false: the fp32 CUDA-core kernels for every case.
+    bool tensor_cores = true;
+};
+
+char const* routed_experts_check(RoutedExpertsParams const& p);
+//! Whether routed_experts() runs these parameters on the tensor-core kernels.
+bool routed_experts_uses_tensor_cores(RoutedExpertsParams const& p);
+//! Monotone in every argument (a plugin may size it from the maximum shapes).
+size_t routed_experts_workspace_bytes(int64_t T, int32_t k, int32_t E, int32_t d, int32_t I);
+cudaError_t routed_experts(RoutedExpertsParams const& p, cudaStream_t stream);
 
 // ----------------------------------------------------------------------------- KV cache write/read
 //! Quantize n vectors of 512 values into 584-byte entries: dims [0, 448) to FP8 e4m3 with one
