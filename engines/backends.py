@@ -6,7 +6,7 @@ A `Backend` runs the step graph of the export contract (exporter/contract.py) on
     cache = backend.new_cache(batch)
     logits = backend.step(input_ids [B, S], cache)            # -> [B, 1, V] float32, last position
     logits = backend.step(ids, cache, logits_index=idx)       # -> [B, len(idx), V]
-    logits, cache = backend.prefill(ids [B, S], chunk_size=512)  # a prompt of any length, in chunks
+    logits, cache = backend.prefill(ids [B, S], chunk_size=256)  # a prompt of any length, in chunks
     logits = backend.decode(ids [B, 1], cache)
 
 `step` grows the entry capacities it needs (amortized) before it runs; everything else (chunking,
@@ -41,7 +41,7 @@ from .cache_ops import KVCache
 
 TORCH, ONNXRUNTIME, TENSORRT = "torch", "onnxruntime", "tensorrt"
 BACKENDS = (TORCH, ONNXRUNTIME, TENSORRT)
-DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_PREFILL_CHUNK = 256  # chunk x index heads x entries x 4 B of scores: 2 GB peak at 32K (docs/benchmarks.md)
 
 
 class BackendError(ValueError):
@@ -95,7 +95,7 @@ class Backend(abc.ABC):
     def prefill(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, chunk_size: int | None = None,
                 all_logits: bool = False, progress: Callable[[int, int], None] | None = None
                 ) -> tuple[torch.Tensor, KVCache]:
-        """Feed a prompt [B, S] (rows of equal length) in chunks of `chunk_size` tokens (default 512):
+        """Feed a prompt [B, S] (rows of equal length) in chunks of `chunk_size` tokens (default 256):
         memory is bounded by the chunk, not the prompt. Returns (logits, cache): logits at the last
         position [B, 1, V], or at every position [B, S, V] when all_logits. progress(done, total)."""
         chunk = DEFAULT_PREFILL_CHUNK if chunk_size is None else int(chunk_size)

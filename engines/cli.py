@@ -209,7 +209,7 @@ class TokenIds(click.ParamType):
 @click.option("--stop", "stop_tokens", type=click.IntRange(min=0), multiple=True, metavar="ID",
               help="A token id that ends a sequence (kept in the output). Repeatable. Default: the model's EOS.")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the model's EOS (only at --stop ids).")
-@click.option("--prefill-chunk", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--prefill-chunk", type=click.IntRange(min=1), default=256, show_default=True,
               help="Feed prompts in chunks of this many tokens (memory is bounded by the chunk).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible runs).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,

@@ -369,9 +369,11 @@ def _body_overlap_gated_compress(b: _Body) -> str:
 
 def _body_indexer_topk(b: _Body) -> str:
     q, w, keys = _f32(b, "q"), _f32(b, "weights"), _f32(b, "keys")
-    keys_t = b.op("Unsqueeze", b.op("Transpose", keys, perm=[0, 2, 1]), b.ints(1))  # [B, 1, Di, N]
-    scores = b.op("Relu", b.op("MatMul", q, keys_t))  # [B, S, Hi, N]
-    scores = b.op("ReduceSum", b.op("Mul", scores, b.op("Unsqueeze", w, b.ints(-1))), b.ints(2), keepdims=0)
+    # keys @ q^T, not q @ keys^T: only the small q is transposed, never the [B, N, Di] key buffer
+    # (a copy per step that grows with the context), and the head sum runs over the last axis.
+    q_t = b.op("Transpose", q, perm=[0, 1, 3, 2])  # [B, S, Di, Hi]
+    scores = b.op("Relu", b.op("MatMul", b.op("Unsqueeze", keys, b.ints(1)), q_t))  # [B, S, N, Hi]
+    scores = b.op("ReduceSum", b.op("Mul", scores, b.op("Unsqueeze", w, b.ints(2))), b.ints(-1), keepdims=0)
     rounded = b.op("Cast", b.op("Cast", scores, to=TensorProto.BFLOAT16), to=_FLOAT)
     use_bf16 = b.op("Cast", b.attr("bf16_scores", AttributeProto.INT), to=TensorProto.BOOL)
     scores = b.op("Where", use_bf16, rounded, scores)

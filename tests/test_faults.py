@@ -391,3 +391,21 @@ def test_symlinked_output_is_written_behind_the_link(tmp_path):
     with atomic_output_dir(link) as tmp:
         (tmp / "x").write_text("1")
     assert link.is_symlink() and (real / "x").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_hatrt_export_exits_143_and_leaves_nothing(tmp_path):
+    """The real command: `hatrt export` killed with SIGTERM while it traces (what docker, Kubernetes
+    and Slurm send) exits 143, and neither the output nor a hidden partial directory remains."""
+    out = tmp_path / "export"
+    proc = subprocess.Popen([sys.executable, "-c", "from engines.cli import main; main()", "export", "tiny-flash",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".export.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".export.partial-*")), "the export never started writing"
+    time.sleep(1.0)  # inside the model load / trace
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
