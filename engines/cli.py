@@ -520,9 +520,12 @@ def quantize_command(export_dir: str, out_dir: str, precision: str, calib: str |
 
 def _add_optional_commands() -> None:
     """Commands in their own modules (they import nothing heavy until they run)."""
+    from engines.serve_cli import serve_cmd, triton_cmd
     from engines.tensorrt_cli import build_cmd
 
     main.add_command(build_cmd)
+    main.add_command(serve_cmd)
+    main.add_command(triton_cmd)
 
 
 _add_optional_commands()

@@ -1,0 +1,21 @@
+"""Test-suite wide rules: which tests are `slow`, so `pytest -m "not slow"` is the fast subset.
+
+A test is slow when it needs an ONNX export (a fixture below, ~1 minute each), runs the CUDA
+kernels on the emulator or under a sanitizer, compiles with nvcc, or starts a server process; all
+of them still run in the default (CI) run.
+"""
+
+import pytest
+
+# fixtures that export a model (tests/conftest.py and per-file ones)
+EXPORT_FIXTURES = {"flash_export", "dense_fp16_export", "fp8_export", "stdlib_export", "text_export",
+                   "export_dir", "trained_export", "server", "ort_server", "tokenizer_export"}
+# whole files of compile / emulator / sanitizer / server work
+SLOW_FILES = {"test_emu_asan.py", "test_emu_tsan.py", "test_cuda_emu.py", "test_plugins_build.py", "test_kernels.py",
+              "test_triton.py", "test_server.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or EXPORT_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
