@@ -7,6 +7,7 @@ engines/cli.py registers them on the `hatrt` group (main.add_command(serve_cmd) 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import click
@@ -92,6 +93,9 @@ def serve_cmd(source: str, host: str, port: int, backend: str, max_batch: int, m
     the running ones finish, then exits 0. See docs/serving.md."""
     from engines.server import serve
 
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"hatrt serve needs {' and '.join(missing)}: pip install 'hatrt[serve]'")
     _logging(log_level)
     state = _build(source, backend, max_batch, max_queue, prefill_chunk, max_context, model_name, dtype, device,
                    threads)
