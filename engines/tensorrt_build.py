@@ -454,17 +454,10 @@ def read_engine_manifest(engine_dir: str | os.PathLike, verify: str = "fast") ->
         raise TensorRTError(f"{path}: key 'profiles' must list profiles 0..n-1")
     if verify != "none":
         rec = doc["engine"]
-        engine = root / str(rec.get("file", ENGINE_FILE))
-        if not engine.is_file():
-            raise TensorRTError(f"{engine}: engine file missing (named by engine.file in {path})")
-        size = engine.stat().st_size
-        if size != rec.get("bytes"):
-            raise TensorRTError(f"{engine}: {size} bytes, {path} says {rec.get('bytes')}: the engine was changed or "
-                                "truncated after the build; build it again")
-        fast = size > contract.FULL_HASH_BYTES and verify != "full" and "fast_sha256" in rec
-        if contract.sha256(engine, fast=fast) != rec["fast_sha256" if fast else "sha256"]:
-            raise TensorRTError(f"{engine}: sha256 differs from {path}: the engine was modified after the build; "
-                                "build it again")
+        try:
+            contract.verify_file(root / str(rec.get("file", ENGINE_FILE)), rec, path, verify == "full", "build it again")
+        except contract.ExportError as e:
+            raise TensorRTError(str(e)) from None
     return doc
 
 

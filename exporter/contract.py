@@ -129,6 +129,20 @@ def file_record(path: Path) -> dict:
     return rec
 
 
+def verify_file(path: Path, rec: dict, where: str | os.PathLike, full: bool = False, redo: str = "export again") -> None:
+    """Check one file against its record (bytes, sha256, fast_sha256): ExportError naming it."""
+    if not path.is_file():
+        raise ExportError(f"{path}: file missing (listed under 'files' in {where})")
+    size = path.stat().st_size
+    if size != rec.get("bytes"):
+        raise ExportError(f"{path}: {size} bytes, the manifest says {rec.get('bytes')} ({where}): the file was "
+                          f"changed or truncated after it was written; {redo}")
+    fast = size > FULL_HASH_BYTES and not full and "fast_sha256" in rec
+    if sha256(path, fast=fast) != rec["fast_sha256" if fast else "sha256"]:
+        raise ExportError(f"{path}: sha256 differs from the manifest's ({where}): the file was modified after it "
+                          f"was written (corrupted or replaced); {redo}")
+
+
 def verify_files(root: Path, manifest: dict, full: bool = False) -> None:
     """Check every file the manifest lists against its size and hash (ExportError naming the file).
 
@@ -139,18 +153,7 @@ def verify_files(root: Path, manifest: dict, full: bool = False) -> None:
     if not isinstance(files, dict) or not files:
         raise ExportError(f"{where}: missing key 'files' (the sha256 of every file)")
     for name, rec in files.items():
-        path = root / name
-        if not path.is_file():
-            raise ExportError(f"{path}: file missing (listed under 'files' in {where})")
-        size = path.stat().st_size
-        if size != rec.get("bytes"):
-            raise ExportError(f"{path}: {size} bytes, the manifest says {rec.get('bytes')}: the file was changed "
-                              "or truncated after the export; export again")
-        fast = size > FULL_HASH_BYTES and not full and "fast_sha256" in rec
-        got = sha256(path, fast=fast)
-        if got != rec["fast_sha256" if fast else "sha256"]:
-            raise ExportError(f"{path}: sha256 differs from the manifest's: the file was modified after the export "
-                              "(corrupted or replaced); export again")
+        verify_file(root / name, rec, where, full)
 
 
 def read_manifest(artifact_dir: str | os.PathLike, verify: str = "fast") -> dict:
@@ -251,4 +254,4 @@ __all__ = ["CACHE_IN", "CACHE_OUT", "ENTRY_DIMS", "EXPORT_DTYPES", "ExportError"
            "MANIFEST", "MIN_CAPACITY", "NUMPY_DTYPES", "OPSET", "POS", "STEP", "STEP_FILE", "STEP_TRT_FILE",
            "TORCH_DTYPES", "cache_input_names", "cache_output_names", "check_layout", "entries_needed", "file_record",
            "grown_capacity", "layer_output_name", "manifest_config", "manifest_layout", "read_manifest", "sha256",
-           "step_dims", "step_input_names", "step_output_names", "verify_files"]
+           "step_dims", "step_input_names", "step_output_names", "verify_file", "verify_files"]
