@@ -81,6 +81,10 @@ else
   echo "skipped: no TensorRT headers in the build (carry third_party/TensorRT/include)"
 fi
 
+step "FP8 GEMM numerics (torch._scaled_mm vs the dequantized matmul; what hatrt quantize's Q/DQ asks of the GPU)"
+timeout 120 "$PY" scripts/fp8_gemm_check.py 2>&1 | tail -20 | tee "$OUT_DIR/fp8_gemm.txt"
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+
 step "benchmark"
 # the table goes to bench.txt (and is printed), per-case progress and any error to bench_progress.txt
 PYTHONUNBUFFERED=1 timeout 240 "$PY" plugins/bench/bench_kernels.py --out "$OUT_DIR/bench.json" \
