@@ -270,7 +270,9 @@ def test_interrupted_export_leaves_no_partial_files(tmp_path):
     """Kill an export midway: neither the final directory nor a temporary one survives under the
     final name (the temporary one is cleaned up on signals the process can handle)."""
     out = tmp_path / "out"
-    code = ("import sys; from exporter.export import export_model; "
+    # SIGINT restored: a shell that starts the suite in the background makes children ignore it
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from exporter.export import export_model; "
             f"export_model('tiny-window', {str(out)!r}, progress=lambda m: print(m, flush=True))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     for line in proc.stdout:  # wait until the exporter is tracing the first graph

@@ -29,8 +29,10 @@ ATOMIC = Path(__file__).resolve().parents[1] / "exporter" / "atomic.py"
 
 # argv: out_dir, info file, "torch" to import torch first (threads in the parent, as in an export)
 CHILD = f"""
-import importlib.util, json, sys, time
+import importlib.util, json, signal, sys, time
 from pathlib import Path
+# a shell that starts the suite in the background makes children ignore SIGINT: restore Python's
+signal.signal(signal.SIGINT, signal.default_int_handler)
 if len(sys.argv) > 3 and sys.argv[3] == "torch":
     import torch
     torch.set_num_threads(2)
