@@ -415,7 +415,7 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     from exporter.cache import cache_layout
     from exporter.config import CSA, HCA, WINDOW
 
-    from .backends import BackendError, TorchBackend, export_source, load_backend, read_manifest
+    from .backends import BackendError, TorchBackend, load_backend, read_manifest
 
     t_start = time.perf_counter()
     log = progress or (lambda msg: None)
@@ -468,8 +468,6 @@ def check(artifact_dir: str | os.PathLike, *, steps: int = DEFAULT_STEPS, prompt
     if list(cache_layout(config, ref_backend.model.dtype)) != backend_under_test.layout:
         raise CheckError(f"{where}: the reference's cache layout ({str(ref_backend.model.dtype).removeprefix('torch.')}) "
                          f"differs from the exported one ({dtype})")
-    if reference is None and manifest["source"].get("kind") == "checkpoint":
-        export_source(manifest, where)  # named, loadable: checked by load_backend above
     per_layer = bool(manifest.get("per_layer", False))
     kinds = [{WINDOW: "window", CSA: "CSA", HCA: "HCA"}.get(r, f"ratio {r}") for r in config.compress_ratios]
 

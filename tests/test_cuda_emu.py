@@ -16,7 +16,6 @@ Needs g++ and the CUDA headers (not nvcc, not a GPU); skipped cleanly otherwise.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
