@@ -228,9 +228,7 @@ class OnnxRuntimeBackend(Backend):
         b = input_ids.shape[0]
         ids = input_ids.to(dev).contiguous()
         idx = logits_index.to(dev).contiguous()
-        spare = cache.scratch.get(ONNXRUNTIME)
-        if spare is None:  # the ping-pong half: buffers of the cache's shapes, allocated once per shape
-            spare = cache.scratch[ONNXRUNTIME] = [torch.empty_like(t) for t in cache.tensors]
+        spare = cache.spare(ONNXRUNTIME)  # the ping-pong half the outputs are bound to
         logits = torch.empty(b, idx.numel(), self.config.vocab_size, dtype=torch.float32, device=dev)
         binding = self.session.io_binding()
         self._bind(binding, contract.INPUT_IDS, ids)
@@ -249,7 +247,7 @@ class OnnxRuntimeBackend(Backend):
         if wanted_layers:
             values = binding.get_outputs()[1 + len(self._cache_out):]
             layer_outputs.extend(torch.from_numpy(v.numpy()) for v in values)
-        cache.scratch[ONNXRUNTIME], cache.tensors = cache.tensors, spare
+        cache.swap(ONNXRUNTIME)
         return logits
 
 

@@ -15,8 +15,9 @@ tensor must look like, all come from the `TensorSpec`s, never from tensor names 
 
 A cache is validated when it is made (empty, from_tensors, merge, select), not on every step; the
 host keeps each row's position (`positions`), so no step reads the device to know where it is.
-Backends may keep private buffers in `scratch` (ONNX Runtime's ping-pong outputs); every operation
-that replaces the tensors clears it.
+Backends that ping-pong write each step into `spare(owner)` and `swap(owner)` after it (ONNX
+Runtime, TensorRT); the buffers live in `scratch`, which every operation that replaces the
+tensors clears.
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ class KVCache:
         self.sizes = validate(tensors, self.layout)
         self.tensors = tensors
         self.scratch.clear()
+
+    def spare(self, owner: str) -> list[torch.Tensor]:
+        """The other half of a backend's ping-pong pair: buffers of the cache's shapes that a step
+        writes the next state into (allocated once per shape, kept in `scratch[owner]`)."""
+        if owner not in self.scratch:
+            self.scratch[owner] = [torch.empty_like(t) for t in self.tensors]
+        return self.scratch[owner]
+
+    def swap(self, owner: str) -> None:
+        """After a step wrote `spare(owner)`: it becomes the cache, the old tensors the spare half."""
+        self.scratch[owner], self.tensors = self.tensors, self.scratch[owner]
 
     def to(self, device: torch.device | str) -> "KVCache":
         return KVCache(self.layout, [t.to(device) for t in self.tensors], self.positions)

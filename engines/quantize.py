@@ -273,7 +273,7 @@ def quantize_export(export_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             graph = dict(manifest["graphs"][contract.STEP])
             graph.update(file=STEP_FILE, trt_file=STEP_TRT_FILE)
             out["graphs"] = {contract.STEP: graph}
-            out["files"] = {p.name: contract.file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            out["files"] = contract.file_records(tmp)
             (tmp / MANIFEST).write_text(json.dumps(out, indent=2) + "\n")
     except OutputDirError as e:
         raise QuantizeError(str(e)) from None

@@ -13,8 +13,8 @@
 - Buffers are torch CUDA tensors bound with `set_tensor_address`; shapes with `set_input_shape`;
   `execute_async_v3` on torch's current stream. Nothing synchronizes the host per step.
 - The cache (a KVCache on the GPU, engines/cache_ops.py) ping-pongs like the ONNX Runtime backend:
-  the step reads `cache.tensors` and writes `cache.scratch["tensorrt"]` (same shapes), then the two
-  swap. Capacity growth (Backend.step -> cache.ensure_capacity) replaces the tensors and drops the
+  the step reads `cache.tensors` and writes `cache.spare("tensorrt")` (same shapes), then
+  `cache.swap("tensorrt")`. Capacity growth (Backend.step -> cache.ensure_capacity) replaces the tensors and drops the
   scratch half, so the next step allocates a new one.
 - CUDA graphs (`cuda_graphs=True`, the default): a decode step (seq 1, no per-layer outputs) is
   captured once per key = (batch, entry capacities, input cache pointers, output cache pointers)
@@ -275,9 +275,7 @@ class TensorRTBackend(Backend):
         ctx = self._contexts[DECODE] if s == 1 and DECODE in self._contexts else self._contexts[PREFILL] \
             if PREFILL in self._contexts else self._contexts[DECODE]
         self._check_step(ctx, b, s, n, cache)
-        spare = cache.scratch.get(TENSORRT)
-        if spare is None:  # the ping-pong half, allocated once per cache shape
-            spare = cache.scratch[TENSORRT] = [torch.empty_like(t) for t in cache.tensors]
+        spare = cache.spare(TENSORRT)  # the ping-pong half the outputs are bound to
         stream = torch.cuda.current_stream(self.device)
         graph_ok = (self.cuda_graphs and not self._graphs_failed and ctx.profile.name == DECODE and s == 1
                     and not self._layer_names)
@@ -292,7 +290,7 @@ class TensorRTBackend(Backend):
             self._enqueue(ctx, ids, idx, cache.tensors, spare, logits, layers, stream)
             if layer_outputs is not None:
                 layer_outputs.extend(layers)
-        cache.scratch[TENSORRT], cache.tensors = cache.tensors, spare
+        cache.swap(TENSORRT)
         return logits.float()
 
     # -- execution --------------------------------------------------------------------------------

@@ -129,6 +129,11 @@ def file_record(path: Path) -> dict:
     return rec
 
 
+def file_records(root: Path) -> dict[str, dict]:
+    """The manifest's `files`: a record of every file in an output directory, by name."""
+    return {p.name: file_record(p) for p in sorted(root.iterdir()) if p.is_file()}
+
+
 def verify_file(path: Path, rec: dict, where: str | os.PathLike, full: bool = False, redo: str = "export again") -> None:
     """Check one file against its record (bytes, sha256, fast_sha256): ExportError naming it."""
     if not path.is_file():
@@ -253,5 +258,6 @@ def short(names: Sequence[str], limit: int = 6) -> str:
 __all__ = ["CACHE_IN", "CACHE_OUT", "ENTRY_DIMS", "EXPORT_DTYPES", "ExportError", "INPUT_IDS", "LOGITS", "LOGITS_INDEX",
            "MANIFEST", "MIN_CAPACITY", "NUMPY_DTYPES", "OPSET", "POS", "STEP", "STEP_FILE", "STEP_TRT_FILE",
            "TORCH_DTYPES", "cache_input_names", "cache_output_names", "check_layout", "entries_needed", "file_record",
+           "file_records",
            "grown_capacity", "layer_output_name", "manifest_config", "manifest_layout", "read_manifest", "sha256",
            "step_dims", "step_input_names", "step_output_names", "verify_file", "verify_files"]

@@ -234,7 +234,7 @@ def _export_into(source, tmp: Path, torch_dtype: torch.dtype, dtype: str, opset:
     graph = _export_step(model, per_layer, tmp / contract.STEP_FILE, tmp / contract.STEP_TRT_FILE, optimize)
     tokenizer = _copy_tokenizer(source, tmp)
     _log(progress, "hashing files, writing the manifest")
-    files = {p.name: contract.file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = contract.file_records(tmp)
     manifest = {
         "format": contract.MANIFEST_FORMAT, "version": contract.MANIFEST_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

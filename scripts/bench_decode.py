@@ -606,10 +606,16 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(f"batch {b}, {res['threads']['torch_intra_op']} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6.5)
+    save_figure(fig, path, f"{PRESET} (window, window, CSA, HCA) decode step vs context", res)
+
+
+def save_figure(fig, path, title: str, res: dict) -> None:
+    """Title with the machine and its load (the benchmarks run on shared cores), then save."""
+    import matplotlib.pyplot as plt
+
     load = res["load"]
-    fig.suptitle(f"{PRESET} (window, window, CSA, HCA) decode step vs context — {res['machine']['cpu_model']}, "
-                 f"{res['machine']['logical_cpus']} CPUs shared, load avg {load['loadavg_start'][:1]}→"
-                 f"{load['loadavg_end'][:1]}", fontsize=9)
+    fig.suptitle(f"{title} — {res['machine']['cpu_model']}, {res['machine']['logical_cpus']} CPUs shared, "
+                 f"load avg {load['loadavg_start'][:1]}→{load['loadavg_end'][:1]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -293,13 +293,7 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_title("per chunk along the prompt", fontsize=9)
     ax2.grid(True, which="both", alpha=0.3)
     ax2.legend(fontsize=7)
-    load = res["load"]
-    fig.suptitle(f"{bd.PRESET} chunked prefill, 1 thread — {res['machine']['cpu_model']}, "
-                 f"{res['machine']['logical_cpus']} CPUs shared, load avg {load['loadavg_start'][:1]}→"
-                 f"{load['loadavg_end'][:1]}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    bd.save_figure(fig, path, f"{bd.PRESET} chunked prefill, 1 thread", res)
 
 
 def markdown(res: dict) -> str:
